@@ -1,0 +1,248 @@
+"""Build stage: specs -> derived, generated and compiled module under build/<name>/.
+
+Incremental: the module's cache key hashes every spec, the templates, the compiler flags and
+the versions of losscc, sympy, cffi and the Python ABI; an unchanged rebuild does nothing.
+Each loss's generated C is cached on its own (build/.cache/), so editing one spec re-derives
+only that spec. Atomic: the module is compiled into a fresh folder .<name>-<key>/ and
+published by swapping the symlink <name> -> .<name>-<key> with one rename, so a failed,
+killed or concurrent build never leaves a broken module behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import BuildError, SpecError
+from .ir import KernelSource, LossSpec
+from .resources import templates_hash
+from .spec import load_spec, spec_files
+
+CFLAGS = ("-O3", "-std=c99", "-fno-math-errno")
+MANIFEST = "manifest.json"
+STALE_SECONDS = 60  # an unused build folder older than this is removed by the next build
+
+
+@dataclass
+class BuildReport:
+    path: Path
+    cache_key: str
+    status: str  # "built" or "up to date"
+    lines: list = field(default_factory=list)
+
+
+def build(paths, out="build", name="losses", force=False, log=print, verbose=False) -> BuildReport:
+    """Build every spec under `paths` into the package out/name; returns what happened."""
+    if not (name.isascii() and name.isidentifier()) or name.startswith("_"):
+        raise BuildError(f"--name '{name}' must be an ASCII Python identifier not starting with '_'")
+    t0 = time.perf_counter()
+    specs = [load_spec(f) for f in spec_files(paths)]
+    _check_unique(specs)
+    out = Path(out)
+    target = out / name
+    key = cache_key(specs)
+    report = BuildReport(path=target, cache_key=key, status="up to date")
+
+    manifest = _read_manifest(target)
+    if not force and manifest is not None and manifest.get("cache_key") == key \
+            and (target / manifest.get("extension", "")).is_file():
+        for s in specs:
+            log(f"  {s.name}: up to date")
+        log(f"{target}: up to date ({len(specs)} losses, {time.perf_counter() - t0:.2f} s)")
+        return report
+
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [_generate_cached(s, out / ".cache", force, log, verbose) for s in specs]
+    t1 = time.perf_counter()
+    folder = _compile(sources, out, name, key)
+    n_kernels = sum(s.cdef.count(";") for s in sources)
+    log(f"  compiled {n_kernels} kernels in {time.perf_counter() - t1:.1f} s")
+    _publish(folder, target)
+    _remove_stale(out, name, keep=folder)
+    report.status = "built"
+    log(f"{target}: built {len(specs)} losses in {time.perf_counter() - t0:.1f} s")
+    return report
+
+
+def cache_key(specs: list[LossSpec]) -> str:
+    h = hashlib.sha256()
+    for part in (__version__, _version("sympy"), _version("cffi"), sysconfig.get_config_var("EXT_SUFFIX"),
+                 os.environ.get("CC", ""), " ".join(CFLAGS), templates_hash()):
+        h.update(str(part).encode() + b"\0")
+    for s in specs:
+        h.update(f"{s.path}\0{s.source_hash}\0".encode())
+    return h.hexdigest()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _check_unique(specs):
+    seen: dict = {}
+    for s in specs:
+        for n in (s.name, *s.aliases):
+            if n in seen:
+                raise SpecError(s.loc, f"loss name '{n}' is already used by {seen[n]}")
+            seen[n] = f"{s.path} ({s.name})"
+
+
+def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=False) -> KernelSource:
+    """Derive and generate one loss, or reuse the cached result for the same spec bytes."""
+    h = hashlib.sha256(f"{__version__}\0{_version('sympy')}\0{templates_hash()}\0{spec.path}\0"
+                       f"{spec.source_hash}".encode()).hexdigest()
+    entry = cache / f"{spec.name}-{h[:24]}.json"
+    if not force and entry.is_file():
+        try:
+            data = json.loads(entry.read_text())
+            log(f"  {spec.name}: cached")
+            return KernelSource(**data)
+        except (OSError, ValueError, TypeError):
+            pass  # a broken cache entry is simply rebuilt
+    t = time.perf_counter()
+    from .codegen import generate
+    from .derive import derive
+
+    source = generate(derive(spec))
+    log(f"  {spec.name}: derived ({time.perf_counter() - t:.2f} s)")
+    if verbose:
+        for key, k in source.meta["kernels"].items():
+            log(f"    [{key}] d/d{spec.pred.name}: {k['gradient'][0]}")
+            log(f"    [{key}] d2/d{spec.pred.name}2: {k['hessian']}")
+    cache.mkdir(parents=True, exist_ok=True)
+    _write_atomic(entry, json.dumps(source.__dict__))
+    return source
+
+
+def _compile(sources, out: Path, name: str, key: str) -> Path:
+    """Compile into a fresh hidden folder and return it, complete, or raise BuildError."""
+    import cffi
+
+    from .codegen import module_source, template_env
+
+    c_source, cdef = module_source(sources, name, key)
+    final = out / f".{name}-{key[:16]}"
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
+    try:
+        ffi = cffi.FFI()
+        try:
+            ffi.cdef(cdef)
+        except cffi.CDefError as exc:
+            raise BuildError(f"internal: generated cffi declarations are invalid: {exc}") from None
+        ffi.set_source(f"{name}._kernels", c_source, extra_compile_args=list(CFLAGS))
+        with _captured_stderr() as err:
+            try:
+                so = Path(ffi.compile(tmpdir=str(work / "cffi"), verbose=False))
+            except Exception as exc:  # distutils/setuptools CompileError, LinkError, VerificationError
+                raise BuildError(_compiler_message(err.read(), c_source, sources, exc)) from None
+        pkg = work / "pkg"
+        pkg.mkdir()
+        shutil.copy2(so, pkg / so.name)
+        (pkg / "kernels.c").write_text(c_source)
+        manifest = {
+            "losscc_version": __version__, "module": name, "cache_key": key,
+            "extension": so.name, "losses": [s.meta for s in sources],
+        }
+        (pkg / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (pkg / "__init__.py").write_text(template_env().get_template("package.py.j2").render(
+            name=name, version=__version__, cache_key=key, losses=[s.meta for s in sources]))
+        try:
+            os.rename(pkg, final)
+        except OSError:
+            if not (final / MANIFEST).is_file():  # not a concurrent build of the same key
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _publish(folder: Path, target: Path):
+    """Point `target` at `folder` with one atomic rename of a symlink."""
+    link = target.parent / f".{target.name}.link-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    os.symlink(folder.name, link)
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)  # a plain folder left by hand; only symlinks are published
+    os.replace(link, target)
+
+
+def _remove_stale(out: Path, name: str, keep: Path):
+    now = time.time()
+    for p in out.glob(f".{name}-*"):
+        try:
+            if p != keep and now - p.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _read_manifest(target: Path):
+    try:
+        return json.loads((target / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Capture what the C compiler writes to file descriptor 2 (cffi does not collect it)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            reader = _Reader(tmp)
+            yield reader
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class _Reader:
+    def __init__(self, f):
+        self.f = f
+
+    def read(self) -> str:
+        self.f.flush()
+        self.f.seek(0)
+        return self.f.read().decode("utf-8", "replace")
+
+
+def _compiler_message(stderr: str, c_source: str, sources, exc) -> str:
+    """The first compiler error, attributed to the spec whose kernels contain its line."""
+    first = next((ln for ln in stderr.splitlines() if "error" in ln), "") or str(exc)
+    m = re.search(r"_kernels\.c:(\d+):", first)
+    culprit = "a generated kernel"
+    if m:
+        line = int(m.group(1))
+        text_lines = c_source.splitlines()[:line]
+        for ln in reversed(text_lines):
+            hit = re.match(r"/\* ---- (\w+): from (.*) \(template", ln)
+            if hit:
+                culprit = f"{hit.group(2)} ({hit.group(1)})"
+                break
+    return f"C compiler failed on the kernels of {culprit}: {first.strip()}"

@@ -1,0 +1,63 @@
+"""Command line: argparse over the stages. Errors print as one line and exit 1, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import LossccError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="losscc", description="A loss compiler: YAML math -> fused C kernels.")
+    parser.add_argument("--version", action="version", version=f"losscc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="derive, generate and compile specs into an importable module")
+    b.add_argument("specs", nargs="+", help="spec files or folders of *.yaml")
+    b.add_argument("--out", default="build", help="output folder (default: build)")
+    b.add_argument("--name", default="losses", help="module name (default: losses)")
+    b.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
+    b.add_argument("-v", "--verbose", action="store_true", help="also print each loss's derivation")
+
+    ls = sub.add_parser("list", help="show the losses of a built module with their parameters")
+    ls.add_argument("module", nargs="?", default="build/losses", help="built module folder (default: build/losses)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            return _build(args)
+        return _list(args)
+    except LossccError as exc:
+        print(f"losscc: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("losscc: interrupted", file=sys.stderr)
+        return 130
+
+
+def _build(args) -> int:
+    from .build import build
+
+    build(args.specs, out=args.out, name=args.name, force=args.force, log=print, verbose=args.verbose)
+    return 0
+
+
+def _list(args) -> int:
+    from .runtime import load_module
+
+    module = load_module(args.module)
+    for name, cls in module.LOSSES.items():
+        meta = cls._meta
+        params = ", ".join(f"{p['name']}={p['default']:g}" for p in meta["params"])
+        variants = ", ".join(f"{v['name']}={'|'.join(map(str, v['values']))}" for v in meta["variants"])
+        aliases = f" ({', '.join(meta['aliases'])})" if meta["aliases"] else ""
+        extras = "; ".join(x for x in (params, variants) if x)
+        print(f"{name}{aliases}{': ' + extras if extras else ''}")
+        print(f"    {meta['summary']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

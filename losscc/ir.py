@@ -1,0 +1,168 @@
+"""The plain data passed between stages, all on one page: LossSpec -> SymbolicLoss -> KernelSource.
+
+Every dataclass is frozen; stages consume them and return new ones, never mutate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Loc:
+    """A position in a spec file, 1-based like compiler messages."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+# --------------------------------------------------------------------------- spec stage
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """An array argument of the loss. The first input is the prediction."""
+
+    name: str
+    loc: Loc
+    differentiable: bool = False
+    # An optional call-time array (Gluon's pos_weight); absent means this constant.
+    default: float | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A numeric constructor argument, passed to the kernel at run time."""
+
+    name: str
+    loc: Loc
+    default: float
+    min: float | None = None  # inclusive bounds
+    max: float | None = None
+    gt: float | None = None  # exclusive bounds
+    lt: float | None = None
+    doc: str = ""
+
+
+def bound_error(value: float, min=None, max=None, gt=None, lt=None) -> str | None:
+    """Why `value` breaks a param's bounds, or None. Shared by the spec check and the runtime."""
+    if min is not None and not value >= min:
+        return f"must be >= {min:g}, got {value!r}"
+    if max is not None and not value <= max:
+        return f"must be <= {max:g}, got {value!r}"
+    if gt is not None and not value > gt:
+        return f"must be > {gt:g}, got {value!r}"
+    if lt is not None and not value < lt:
+        return f"must be < {lt:g}, got {value!r}"
+    return None
+
+
+def variant_key(options: dict) -> str:
+    """A C-identifier suffix naming one variant combination: 'from_sigmoid_true', or 'base'."""
+    if not options:
+        return "base"
+    return "__".join(f"{k}_{str(v).lower()}" for k, v in options.items())
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A compile-time option (Gluon's from_sigmoid, label_format): one kernel per value."""
+
+    name: str
+    loc: Loc
+    values: tuple  # of bool or str
+    default: Any
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Formula:
+    """A piece of spec math with the location of its first character and its YAML style."""
+
+    text: str
+    loc: Loc
+    # Where each line of `text` starts in the file: (line, col) per text line.
+    line_starts: tuple = ()
+
+
+@dataclass(frozen=True)
+class ExampleSpec:
+    loc: Loc
+    inputs: dict  # input name -> float
+    options: dict  # param or variant name -> value
+    loss: float
+    grad: float | None = None  # d loss / d pred, elementwise
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    path: str
+    loc: Loc
+    summary: str
+    reference: str
+    doc: str
+    aliases: tuple
+    inputs: tuple  # of InputSpec, prediction first
+    params: tuple  # of ParamSpec
+    variants: tuple  # of VariantSpec
+    let: tuple  # of (name, Formula), in order
+    loss: Formula
+    examples: tuple  # of ExampleSpec
+    source_hash: str  # sha256 of the spec file's bytes
+
+    @property
+    def pred(self) -> InputSpec:
+        return self.inputs[0]
+
+    @property
+    def differentiable(self) -> tuple:
+        return tuple(i for i in self.inputs if i.differentiable)
+
+    def variant_combos(self) -> list[dict]:
+        """Every combination of variant values, in a stable order."""
+        combos: list[dict] = [{}]
+        for v in self.variants:
+            combos = [dict(c, **{v.name: val}) for c in combos for val in v.values]
+        return combos
+
+
+# --------------------------------------------------------------------------- derive stage
+
+
+@dataclass(frozen=True)
+class SymbolicVariant:
+    """One variant of a loss as sympy expressions (Any: sympy objects, to keep ir sympy-free)."""
+
+    key: str  # a C-identifier suffix naming the variant combination
+    options: dict  # variant name -> value
+    value: Any  # the elementwise loss
+    grads: tuple  # d value / d input, one per differentiable input
+    hess: Any  # d^2 value / d pred^2
+    notes: tuple = ()  # facts worth telling the user (a second derivative 0 almost everywhere)
+
+
+@dataclass(frozen=True)
+class SymbolicLoss:
+    spec: LossSpec
+    symbols: dict  # name -> sympy Symbol, inputs and params
+    variants: tuple  # of SymbolicVariant
+
+
+# --------------------------------------------------------------------------- codegen stage
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """The C of one loss (every variant, mode and dtype) plus what the runtime must know."""
+
+    name: str
+    c_source: str
+    cdef: str
+    meta: dict = field(default_factory=dict)  # JSON-able description for the runtime

@@ -1,0 +1,484 @@
+"""Runtime: the Loss class. Arrays in, checks, dtype dispatch, Gluon weighting, reductions.
+
+Imports numpy and the compiled module only (never sympy, jinja2 or a compiler stage), so
+loading a built module and calling a loss costs milliseconds.
+
+Semantics (MXNet Gluon's, plus PyTorch's `reduction`):
+  elementwise loss l = f(pred, label, ...), times sample_weight (broadcast to pred's shape),
+  times `weight`; the per-sample loss is the mean over every axis but `batch_axis`.
+  reduction="none" returns the per-sample losses, shape (batch,); "sum" and "mean" reduce
+  them to a scalar. Gradients are d(sum of the per-sample losses)/d input, or d(mean)/d
+  input for reduction="mean". NaN in any input gives NaN in the values and gradients it
+  reaches; inf follows IEEE arithmetic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import numbers
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LoadError
+from .ir import bound_error, variant_key
+
+REDUCTIONS = ("none", "mean", "sum")
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_CTYPE = {np.dtype(np.float32): ("float *", "f32"), np.dtype(np.float64): ("double *", "f64")}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_module(path):
+    """Import the package at `path` (written by `losscc build`) and return it."""
+    path = Path(os.path.abspath(path))
+    manifest = _manifest(path)
+    name = path.name
+    existing = sys.modules.get(name)
+    if existing is not None and getattr(existing, "_manifest", {}).get("cache_key") == manifest["cache_key"]:
+        return existing
+    if existing is not None:  # another module of that name (or an older build) is loaded
+        name = f"{name}_{manifest['cache_key'][:12]}"
+        if name in sys.modules:
+            return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
+                                                  submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _manifest(path: Path) -> dict:
+    hint = "run `losscc build SPECS --out DIR --name NAME` to (re)build it"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path}: not a losscc build (no manifest.json); {hint}") from None
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"{path}: unreadable manifest.json ({exc}); {hint}") from None
+    if not (path / "__init__.py").is_file() or not (path / manifest.get("extension", "?")).is_file():
+        raise LoadError(f"{path}: the build is incomplete (missing __init__.py or the compiled "
+                        f"kernels); {hint}")
+    return manifest
+
+
+def bind_package(ns: dict):
+    """Fill a generated package's namespace with one Loss class per spec (and its aliases)."""
+    here = Path(ns["__file__"]).parent
+    manifest = _manifest(here)
+    try:
+        kernels = importlib.import_module(ns["__name__"] + "._kernels")
+    except ImportError as exc:
+        raise LoadError(f"{here}: cannot import the compiled kernels ({exc}); rebuild with "
+                        "`losscc build`") from None
+    classes = {}
+    for meta in manifest["losses"]:
+        cls = make_loss_class(meta, kernels.lib, kernels.ffi)
+        classes[meta["name"]] = cls
+        ns[meta["name"]] = cls
+        for alias in meta["aliases"]:
+            ns[alias] = cls
+    ns["LOSSES"] = classes
+    ns["_manifest"] = manifest
+    ns["__all__"] = sorted(n for m in manifest["losses"] for n in (m["name"], *m["aliases"]))
+
+
+def make_loss_class(meta: dict, lib, ffi) -> type:
+    """A Loss subclass for one spec, with its signature and docstring."""
+    cname = meta["aliases"][0] if meta["aliases"] else meta["name"]
+    ctor = [inspect.Parameter(p["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p["default"])
+            for p in meta["params"]]
+    ctor += [inspect.Parameter(v["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v["default"])
+             for v in meta["variants"]]
+    ctor += [inspect.Parameter("weight", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=1.0),
+             inspect.Parameter("batch_axis", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=0),
+             inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="none")]
+    required = [i for i in meta["inputs"] if i["default"] is None]
+    optional = [i for i in meta["inputs"] if i["default"] is not None]
+    call = [inspect.Parameter(i["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in required]
+    call.append(inspect.Parameter("sample_weight", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+    call += [inspect.Parameter(i["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+             for i in optional]
+    attrs = {
+        "__doc__": _docstring(meta),
+        "__module__": "losscc.runtime",
+        "__signature__": inspect.Signature(ctor),
+        "_meta": meta, "_lib": lib, "_ffi": ffi, "_display": cname,
+        "_ctor_sig": inspect.Signature(ctor), "_call_sig": inspect.Signature(call),
+    }
+    cls = type(cname, (Loss,), attrs)
+    cls.__qualname__ = cname
+    return cls
+
+
+def _docstring(meta: dict) -> str:
+    lines = [meta["summary"], ""]
+    if meta["doc"]:
+        lines += [meta["doc"], ""]
+    lines += ["Elementwise loss (spec " + meta["spec"] + "):", ""]
+    lines += ["    " + ln for ln in meta["formula"].splitlines()] + [""]
+    lines.append("Call: loss(" + ", ".join(
+        [i["name"] for i in meta["inputs"] if i["default"] is None] + ["sample_weight=None"]
+        + [f"{i['name']}=None" for i in meta["inputs"] if i["default"] is not None]) + ")")
+    lines.append("Inputs:")
+    for i in meta["inputs"]:
+        extra = " (differentiable)" if i["differentiable"] else ""
+        extra += f" (optional, default {i['default']:g})" if i["default"] is not None else ""
+        lines.append(f"    {i['name']}{extra}" + (f": {i['doc']}" if i["doc"] else ""))
+    if meta["params"]:
+        lines.append("Parameters:")
+        for p in meta["params"]:
+            bounds = ", ".join(f"{k} {p[k]:g}" for k in ("min", "max", "gt", "lt") if p[k] is not None)
+            lines.append(f"    {p['name']} = {p['default']:g}" + (f" ({bounds})" if bounds else "")
+                         + (f": {p['doc']}" if p["doc"] else ""))
+    if meta["variants"]:
+        lines.append("Variants (each its own kernel):")
+        for v in meta["variants"]:
+            lines.append(f"    {v['name']} in {v['values']}, default {v['default']!r}"
+                         + (f": {v['doc']}" if v["doc"] else ""))
+    lines.append("Common: weight=1.0, batch_axis=0, reduction='none' | 'mean' | 'sum'.")
+    notes = sorted({n for k in meta["kernels"].values() for n in k["notes"]})
+    if notes:
+        lines.append("Notes: " + "; ".join(notes) + ".")
+    lines += ["", "Reference: " + meta["reference"]]
+    if meta["examples"]:
+        ex = meta["examples"][0]
+        args = ", ".join(f"{k}={v!r}" for k, v in {**ex["options"], **ex["inputs"]}.items())
+        lines.append(f"Example: {args} -> loss {ex['loss']!r}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the Loss class
+
+
+class Loss:
+    """Base class of every compiled loss; see the subclass's docstring for its math."""
+
+    _meta: dict
+    _lib = None
+    _ffi = None
+    _display = "Loss"
+    _ctor_sig: inspect.Signature
+    _call_sig: inspect.Signature
+
+    def __init__(self, *args, **kwargs):
+        try:
+            bound = self._ctor_sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self._display}(): {exc} (accepted: {self._ctor_sig})") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        self.params = {p["name"]: self._check_param(p, a[p["name"]]) for p in self._meta["params"]}
+        self.options = {v["name"]: self._check_variant(v, a[v["name"]]) for v in self._meta["variants"]}
+        weight = 1.0 if a["weight"] is None else a["weight"]
+        if not _is_real(weight) or not math.isfinite(weight):
+            raise ValueError(f"{self._display}: weight must be a finite number, got {weight!r}")
+        self.weight = float(weight)
+        if not isinstance(a["batch_axis"], (numbers.Integral,)) or isinstance(a["batch_axis"], bool):
+            raise TypeError(f"{self._display}: batch_axis must be an int, got {a['batch_axis']!r}")
+        self.batch_axis = int(a["batch_axis"])
+        if a["reduction"] not in REDUCTIONS:
+            raise ValueError(f"{self._display}: reduction must be one of {', '.join(map(repr, REDUCTIONS))}, "
+                             f"got {a['reduction']!r}")
+        self.reduction = a["reduction"]
+        self.variant = variant_key(self.options)
+        prefix = f"lcc_{self._meta['name']}__{self.variant}__"
+        self._kernels = {(mode, sfx): getattr(self._lib, f"{prefix}{mode}_{sfx}")
+                         for mode in ("v", "vg", "vgh") for sfx in ("f32", "f64")}
+        self._inputs = self._meta["inputs"]
+        self._diff = [i["name"] for i in self._inputs if i["differentiable"]]
+
+    def _check_param(self, p, value):
+        if not _is_real(value):
+            raise TypeError(f"{self._display}: {p['name']} must be a number, got {value!r}")
+        value = float(value)
+        why = bound_error(value, p["min"], p["max"], p["gt"], p["lt"])
+        if why or not math.isfinite(value):
+            raise ValueError(f"{self._display}: {p['name']} {why or f'must be finite, got {value!r}'}")
+        return value
+
+    def _check_variant(self, v, value):
+        values = v["values"]
+        if isinstance(values[0], bool):
+            ok = isinstance(value, (bool, np.bool_))
+            value = bool(value) if ok else value
+        else:
+            ok = isinstance(value, str)
+        if not ok or value not in values:
+            raise ValueError(f"{self._display}: {v['name']} must be one of "
+                             f"{', '.join(map(repr, values))}, got {value!r}")
+        return value
+
+    def __repr__(self):
+        opts = {**self.params, **self.options}
+        if self.weight != 1.0:
+            opts["weight"] = self.weight
+        if self.batch_axis != 0:
+            opts["batch_axis"] = self.batch_axis
+        if self.reduction != "none":
+            opts["reduction"] = self.reduction
+        return f"{self._display}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
+
+    # -- public API ------------------------------------------------------------
+
+    def __call__(self, *args, out=None, **kwargs):
+        """The loss: per sample (reduction='none'), or its sum or mean."""
+        value, _, _ = self._run("v", args, kwargs, out=out)
+        return value
+
+    def grad(self, *args, grad_out=None, **kwargs):
+        """d loss / d pred (a tuple over the differentiable inputs if there are several)."""
+        _, grads, _ = self._run("vg", args, kwargs, grad_out=grad_out, want_value=False)
+        return grads
+
+    def value_and_grad(self, *args, out=None, grad_out=None, **kwargs):
+        """(loss, gradient) from one fused pass over the data."""
+        value, grads, _ = self._run("vg", args, kwargs, out=out, grad_out=grad_out)
+        return value, grads
+
+    def grad_hess(self, *args, grad_out=None, hess_out=None, **kwargs):
+        """(gradient, diagonal second derivative) w.r.t. pred, from one fused pass."""
+        _, grads, hess = self._run("vgh", args, kwargs, grad_out=grad_out, hess_out=hess_out,
+                                   want_value=False)
+        return (grads[0] if isinstance(grads, tuple) else grads), hess
+
+    # -- the one code path -----------------------------------------------------
+
+    def _run(self, mode, args, kwargs, out=None, grad_out=None, hess_out=None, want_value=True):
+        try:
+            bound = self._call_sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self._display}: {exc} (call signature: {self._call_sig})") from None
+        a = bound.arguments
+        first = self._inputs[0]["name"]
+        pred = _as_array(a[first], first)
+        if pred.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{self._display}: {first} must be float32 or float64, got {pred.dtype}; "
+                            f"convert it with .astype(np.float32) or .astype(np.float64)")
+        if pred.ndim == 0:
+            raise ValueError(f"{self._display}: {first} must have a batch axis, got a 0-d array")
+        axis = self.batch_axis
+        if not -pred.ndim <= axis < pred.ndim:
+            raise ValueError(f"{self._display}: batch_axis={axis} is out of range for {first} "
+                             f"of shape {pred.shape}")
+        axis %= pred.ndim
+        dtype, shape = pred.dtype, pred.shape
+        nb = shape[axis]
+        nf = math.prod(shape) // nb if nb else math.prod(s for i, s in enumerate(shape) if i != axis)
+
+        arrays = [(first, pred, shape)]
+        for inp in self._inputs[1:]:
+            arrays.append(self._input(inp, a.get(inp["name"]), dtype, shape))
+        arrays.append(self._weights(a.get("sample_weight"), dtype, shape))
+
+        reduce_mean = self.reduction == "mean"
+        vscale = self.weight / nf if nf else math.nan
+        gscale = vscale / nb if reduce_mean and nb else vscale
+
+        per_sample = want_value and self.reduction == "none"
+        vout = _output(out, "out", (nb,), dtype, arrays, self._display, 0) if per_sample else None
+        if out is not None and not per_sample:
+            raise ValueError(f"{self._display}: out= holds per-sample values and needs reduction='none'")
+        gouts = []
+        if "g" in mode:
+            given = _as_tuple(grad_out, len(self._diff), "grad_out", self._display)
+            for g in given:
+                gouts.append(_output(g, "grad_out", shape, dtype, arrays, self._display, axis))
+        hout = _output(hess_out, "hess_out", shape, dtype, arrays, self._display, axis) \
+            if "h" in mode else None
+
+        total = math.nan if (nb and not nf) else 0.0
+        if nb and nf:
+            total = self._launch(mode, dtype, axis, nb, nf, arrays, vscale, gscale, vout, gouts, hout)
+        elif vout is not None and nb:
+            vout.arr.fill(np.nan)  # the mean over zero features
+
+        value = None
+        if want_value:
+            if self.reduction == "none":
+                value = vout.arr
+            elif reduce_mean:
+                value = dtype.type(total / nb if nb else math.nan)
+            else:
+                value = dtype.type(total)
+        grads = None
+        if gouts:
+            shapes = [orig for name, _, orig in arrays if name in self._diff]
+            grads = tuple(_unbroadcast(g.arr, orig) for g, orig in zip(gouts, shapes))
+            grads = grads[0] if len(grads) == 1 else grads
+        return value, grads, (hout.arr if hout is not None else None)
+
+    def _input(self, inp, value, dtype, shape):
+        name = inp["name"]
+        if value is None:
+            if inp["default"] is None:
+                raise TypeError(f"{self._display}: missing input '{name}'")
+            return name, np.full((), inp["default"], dtype), ()
+        arr = _as_numeric(value, name, dtype, self._display)
+        orig = arr.shape
+        if arr.size == math.prod(shape) and arr.shape != shape and inp is self._inputs[1]:
+            arr = arr.reshape(shape)  # Gluon reshapes the label like pred when the sizes match
+        return name, _broadcast(self._display, name, arr, shape), orig
+
+    def _weights(self, sw, dtype, shape):
+        if sw is None:
+            return "sample_weight", np.ones((), dtype), ()
+        arr = _as_numeric(sw, "sample_weight", dtype, self._display)
+        return "sample_weight", _broadcast(self._display, "sample_weight", arr, shape), arr.shape
+
+    def _launch(self, mode, dtype, axis, nb, nf, arrays, vscale, gscale, vout, gouts, hout):
+        ffi = self._ffi
+        ptype, sfx = _CTYPE[dtype]
+        args = [nb, nf]
+        for _, arr, _ in arrays:
+            args += _operand(ffi, ptype, arr, axis, dtype)
+        args += list(self.params.values())
+        total = ffi.new("double *")
+        args += [vscale, gscale, vout.operand(ffi, ptype, 0)[0] if vout is not None else ffi.NULL, total]
+        for g in gouts:
+            args += g.operand(ffi, ptype, axis)
+        if hout is not None:
+            args += hout.operand(ffi, ptype, axis)
+        status = self._kernels[(mode, sfx)](*args)
+        if status != 0:  # elementwise kernels have no failure mode today; keep the contract
+            raise RuntimeError(f"{self._display}: kernel returned status {status}")
+        for o in (vout, hout, *gouts):
+            if o is not None:
+                o.finish()
+        return total[0]
+
+
+# --------------------------------------------------------------------------- array helpers
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_array(x, name):
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} cannot be read as an array: {exc}") from None
+
+
+def _as_numeric(x, name, dtype, who=""):
+    arr = _as_array(x, name)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{who}: {name} must hold real numbers, got dtype {arr.dtype}")
+    return arr.astype(dtype, copy=False)
+
+
+def _broadcast(who, name, arr, shape):
+    try:
+        return np.broadcast_to(arr, shape)
+    except ValueError:
+        raise ValueError(f"{who}: {name} of shape {arr.shape} does not broadcast to the prediction's "
+                         f"shape {shape}") from None
+
+
+def _collapse(arr, axis):
+    """(stride over samples, stride over features) in elements, or None if the non-batch
+    axes of `arr` cannot be walked with one stride."""
+    item = arr.itemsize
+    if any(s % item for s in arr.strides):
+        return None
+    strides = [s // item for s in arr.strides]
+    sb = strides[axis] if arr.ndim else 0
+    rest = [(n, s) for i, (n, s) in enumerate(zip(arr.shape, strides)) if i != axis and n != 1]
+    if not rest:
+        return sb, 0
+    for (n0, s0), (n1, s1) in zip(rest, rest[1:]):
+        if s0 != s1 * n1:
+            return None
+    return sb, rest[-1][1]
+
+
+def _operand(ffi, ptype, arr, axis, dtype):
+    """(pointer, stride over samples, stride over features) for a read-only operand."""
+    if arr.ndim == 0:
+        return [ffi.cast(ptype, arr.ctypes.data), 0, 0]
+    st = _collapse(arr, axis)
+    if st is None:  # e.g. a broadcast that mixes zero and non-zero strides among features
+        arr = np.ascontiguousarray(np.moveaxis(arr, axis, 0))
+        axis = 0
+        st = _collapse(arr, 0)
+    return [ffi.cast(ptype, arr.ctypes.data), st[0], st[1]]
+
+
+class _Out:
+    """An output array: the user's `out=` buffer or a new one. The kernel writes it in place
+    when its non-batch axes can be walked with one stride, else a batch-first temporary that
+    finish() copies back."""
+
+    def __init__(self, arr):
+        self.arr = arr
+        self.tmp = None
+        self.view = None
+
+    def operand(self, ffi, ptype, axis):
+        st = _collapse(self.arr, axis)
+        target = self.arr
+        if st is None:
+            self.view = np.moveaxis(self.arr, axis, 0)
+            self.tmp = target = np.empty(self.view.shape, self.arr.dtype)
+            st = _collapse(target, 0)
+        return [ffi.cast(ptype, target.ctypes.data), st[0], st[1]]
+
+    def finish(self):
+        if self.tmp is not None:
+            self.view[...] = self.tmp
+            self.tmp = self.view = None
+
+
+def _output(given, what, shape, dtype, arrays, who, axis) -> _Out:
+    if given is None:
+        arr = np.empty(shape, dtype)
+        if _collapse(arr, axis) is None:  # batch axis inside: allocate batch-first, return a view
+            arr = np.moveaxis(np.empty((shape[axis], *np.delete(shape, axis)), dtype), 0, axis)
+        return _Out(arr)
+    if not isinstance(given, np.ndarray):
+        raise TypeError(f"{who}: {what} must be a numpy array, got {type(given).__name__}")
+    if given.shape != tuple(shape) or given.dtype != dtype:
+        raise ValueError(f"{who}: {what} must have shape {tuple(shape)} and dtype {dtype}, "
+                         f"got shape {given.shape} and dtype {given.dtype}")
+    if not given.flags.writeable:
+        raise ValueError(f"{who}: {what} is read-only")
+    for name, arr, _ in arrays:
+        if np.may_share_memory(given, arr):
+            raise ValueError(f"{who}: {what} overlaps the input '{name}'")
+    return _Out(given)
+
+
+def _as_tuple(x, n, what, who):
+    if x is None:
+        return (None,) * n
+    if n == 1 and isinstance(x, np.ndarray):
+        return (x,)
+    if not isinstance(x, (tuple, list)) or len(x) != n:
+        raise TypeError(f"{who}: {what} must be {'an array' if n == 1 else f'a tuple of {n} arrays'}")
+    return tuple(x)
+
+
+def _unbroadcast(g, shape):
+    """Sum a gradient over the axes its input was broadcast along (like autograd's sum_to_size)."""
+    if g.shape == shape:
+        return g
+    if math.prod(shape) == g.size:
+        return g.reshape(shape)  # the label was reshaped like pred
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g

@@ -1,0 +1,355 @@
+"""Spec stage: load a YAML loss spec, keep every node's location, validate it into a LossSpec.
+
+Only plain YAML is accepted: no tags, no anchors or aliases, no duplicate keys. Every error
+is a SpecError whose message starts with ``file:line:col:``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import math
+from pathlib import Path
+
+import yaml
+
+from .errors import SpecError
+from .ir import ExampleSpec, Formula, InputSpec, Loc, LossSpec, ParamSpec, VariantSpec, bound_error
+
+MAX_SPEC_BYTES = 256 * 1024
+
+# Names the runtime gives every loss; a spec may not reuse them.
+RESERVED = frozenset(
+    {"weight", "batch_axis", "reduction", "sample_weight", "out", "grad_out", "hess_out", "self"}
+)
+TOP_KEYS = ("name", "aliases", "summary", "reference", "doc", "inputs", "params", "variants",
+            "let", "loss", "examples")
+_STR_TAG = "tag:yaml.org,2002:str"
+_SCALAR_TAGS = {
+    _STR_TAG, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null",
+}
+
+
+def spec_files(paths) -> list[Path]:
+    """The spec files named by `paths`: files as given, folders by their *.yaml / *.yml."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted([*p.glob("*.yaml"), *p.glob("*.yml")])
+            if not found:
+                raise SpecError(None, f"{p}: no *.yaml spec files in this folder")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SpecError(None, f"{p}: no such spec file or folder")
+    return files
+
+
+def load_spec(path) -> LossSpec:
+    """Read and validate one spec file."""
+    path = Path(path)
+    label = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(None, f"{label}: cannot read spec: {exc.strerror}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(Loc(label, 1, 1), f"spec is {len(raw)} bytes, more than the {MAX_SPEC_BYTES} allowed")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(Loc(label, 1, 1), f"spec is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_spec(text, label, hashlib.sha256(raw).hexdigest())
+
+
+def parse_spec(text: str, label: str = "<spec>", source_hash: str | None = None) -> LossSpec:
+    """Validate spec text; `label` is the file name used in messages."""
+    source_hash = source_hash or hashlib.sha256(text.encode()).hexdigest()
+    root = _compose(text, label)
+    return _Validator(label, text).spec(root, source_hash)
+
+
+# ------------------------------------------------------------------------------ YAML
+
+
+def _compose(text: str, label: str) -> yaml.Node:
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise SpecError(_loc(label, event.start_mark), "YAML anchors and aliases are not allowed in specs")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise SpecError(_loc(label, mark), f"invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(Loc(label, 1, 1), f"invalid YAML: {exc}") from None
+    if root is None:
+        raise SpecError(Loc(label, 1, 1), "spec is empty")
+    return root
+
+
+def _loc(label: str, mark) -> Loc:
+    return Loc(label, mark.line + 1, mark.column + 1) if mark is not None else Loc(label, 1, 1)
+
+
+class _Validator:
+    def __init__(self, label: str, text: str):
+        self.label = label
+        self.lines = text.splitlines()
+
+    # -- helpers ------------------------------------------------------------
+
+    def loc(self, node) -> Loc:
+        return _loc(self.label, node.start_mark)
+
+    def fail(self, node, message: str):
+        raise SpecError(self.loc(node), message)
+
+    def mapping(self, node, what: str) -> dict:
+        """A mapping node as {key: (key_node, value_node)}, refusing duplicate and non-string keys."""
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"{what} must be a mapping, got {_kind(node)}")
+        out: dict = {}
+        for knode, vnode in node.value:
+            if not (isinstance(knode, yaml.ScalarNode) and knode.tag == _STR_TAG):
+                self.fail(knode, f"keys of {what} must be plain names, got {_kind(knode)}")
+            if knode.value in out:
+                first = self.loc(out[knode.value][0])
+                self.fail(knode, f"duplicate key '{knode.value}' in {what} (first at line {first.line})")
+            out[knode.value] = (knode, vnode)
+        return out
+
+    def scalar(self, node, what: str):
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, f"{what} must be a single value, got {_kind(node)}")
+        if node.tag not in _SCALAR_TAGS:
+            self.fail(node, f"{what}: YAML tag '{node.tag}' is not allowed in specs")
+        return yaml.SafeLoader("").construct_object(node)
+
+    def string(self, node, what: str) -> str:
+        value = self.scalar(node, what)
+        if not isinstance(value, str):
+            self.fail(node, f"{what} must be text, got {value!r}")
+        return value
+
+    def number(self, node, what: str) -> float:
+        value = self.scalar(node, what)
+        if isinstance(value, str) and node.style is None:
+            # YAML 1.1 reads 1e-12 (no dot) as text; an unquoted number is meant as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(node, f"{what} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            self.fail(node, f"{what} must be finite, got {value!r}")
+        return value
+
+    def boolean(self, node, what: str) -> bool:
+        value = self.scalar(node, what)
+        if not isinstance(value, bool):
+            self.fail(node, f"{what} must be true or false, got {value!r}")
+        return value
+
+    def identifier(self, node, what: str) -> str:
+        name = self.string(node, what)
+        if not (name.isascii() and name.isidentifier()) or keyword.iskeyword(name) or name.startswith("_"):
+            self.fail(node, f"{what} '{name}' must be an ASCII Python identifier, not a keyword, "
+                            "not starting with '_'")
+        return name
+
+    def check_keys(self, items: dict, allowed, what: str):
+        for key, (knode, _) in items.items():
+            if key not in allowed:
+                self.fail(knode, f"unknown key '{key}' in {what} (allowed: {', '.join(allowed)})")
+
+    def formula(self, node, what: str) -> Formula:
+        text = self.string(node, what)
+        if not text.strip():
+            self.fail(node, f"{what} is empty")
+        start = node.start_mark
+        if node.style in ("|", ">"):
+            # Block scalar: content starts on the next line, at the block's indentation.
+            starts = []
+            for i in range(len(text.splitlines())):
+                lineno = start.line + 1 + i
+                src = self.lines[lineno] if lineno < len(self.lines) else ""
+                starts.append((lineno + 1, len(src) - len(src.lstrip(" ")) + 1))
+        else:
+            quote = 1 if node.style in ("'", '"') else 0
+            starts = [(start.line + 1, start.column + 1 + quote)]
+            starts += [(start.line + 1, start.column + 1 + quote)] * (len(text.splitlines()) - 1)
+        loc = Loc(self.label, *starts[0]) if starts else self.loc(node)
+        return Formula(text=text, loc=loc, line_starts=tuple(starts))
+
+    # -- sections -----------------------------------------------------------
+
+    def spec(self, root, source_hash: str) -> LossSpec:
+        top = self.mapping(root, "the spec")
+        self.check_keys(top, TOP_KEYS, "the spec")
+        for key in ("name", "summary", "reference", "inputs", "loss"):
+            if key not in top:
+                self.fail(root, f"missing required key '{key}'")
+        name = self.identifier(top["name"][1], "name")
+        aliases = ()
+        if "aliases" in top:
+            node = top["aliases"][1]
+            if not isinstance(node, yaml.SequenceNode):
+                self.fail(node, f"aliases must be a list of names, got {_kind(node)}")
+            aliases = tuple(self.identifier(n, "alias") for n in node.value)
+        summary = self.string(top["summary"][1], "summary").strip()
+        reference = self.string(top["reference"][1], "reference").strip()
+        doc = self.string(top["doc"][1], "doc").strip() if "doc" in top else ""
+        inputs = self.inputs(top["inputs"][1])
+        params = self.params(top["params"][1]) if "params" in top else ()
+        variants = self.variants(top["variants"][1]) if "variants" in top else ()
+        let = ()
+        if "let" in top:
+            let = tuple((self.identifier(k, "let name"), self.formula(v, f"let '{k.value}'"))
+                        for k, v in self.mapping(top["let"][1], "let").values())
+        self.check_names(name, aliases, inputs, params, variants, let, top)
+        loss = self.formula(top["loss"][1], "loss")
+        examples = ()
+        if "examples" in top:
+            examples = self.examples(top["examples"][1], inputs, params, variants)
+        return LossSpec(
+            name=name, path=self.label, loc=self.loc(top["name"][1]), summary=summary,
+            reference=reference, doc=doc, aliases=aliases, inputs=inputs, params=params,
+            variants=variants, let=let, loss=loss, examples=examples, source_hash=source_hash,
+        )
+
+    def inputs(self, node) -> tuple:
+        items = self.mapping(node, "inputs")
+        if not items:
+            self.fail(node, "inputs must list at least the prediction")
+        out = []
+        for i, (name, (knode, vnode)) in enumerate(items.items()):
+            self.identifier(knode, "input name")
+            fields = self.options(vnode, f"input '{name}'", ("differentiable", "default", "doc"))
+            differentiable = self.boolean(fields["differentiable"][1], "differentiable") \
+                if "differentiable" in fields else i == 0
+            if i == 0 and not differentiable:
+                self.fail(knode, f"the first input '{name}' is the prediction and must be differentiable")
+            default = self.number(fields["default"][1], f"default of input '{name}'") \
+                if "default" in fields else None
+            if i == 0 and default is not None:
+                self.fail(fields["default"][0], f"the prediction '{name}' cannot have a default")
+            doc = self.string(fields["doc"][1], "doc") if "doc" in fields else ""
+            out.append(InputSpec(name, self.loc(knode), differentiable, default, doc))
+        optional = [i for i in out if i.default is not None]
+        if any(i.default is None for i in out[out.index(optional[0]):]) if optional else False:
+            bad = next(i for i in out[out.index(optional[0]):] if i.default is None)
+            raise SpecError(bad.loc, f"input '{bad.name}' has no default but follows an optional input")
+        return tuple(out)
+
+    def options(self, node, what: str, allowed) -> dict:
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return {}
+        items = self.mapping(node, what)
+        self.check_keys(items, allowed, what)
+        return items
+
+    def params(self, node) -> tuple:
+        out = []
+        for name, (knode, vnode) in self.mapping(node, "params").items():
+            self.identifier(knode, "parameter name")
+            fields = self.options(vnode, f"param '{name}'", ("default", "min", "max", "gt", "lt", "doc"))
+            if "default" not in fields:
+                self.fail(knode, f"param '{name}' needs a default")
+            num = {k: self.number(fields[k][1], f"{k} of param '{name}'")
+                   for k in ("default", "min", "max", "gt", "lt") if k in fields}
+            p = ParamSpec(name, self.loc(knode), num["default"], num.get("min"), num.get("max"),
+                          num.get("gt"), num.get("lt"),
+                          self.string(fields["doc"][1], "doc") if "doc" in fields else "")
+            broken = bound_error(p.default, p.min, p.max, p.gt, p.lt)
+            if broken:
+                self.fail(fields["default"][1], f"default of param '{name}': {broken}")
+            out.append(p)
+        return tuple(out)
+
+    def variants(self, node) -> tuple:
+        out = []
+        for name, (knode, vnode) in self.mapping(node, "variants").items():
+            self.identifier(knode, "variant name")
+            fields = self.options(vnode, f"variant '{name}'", ("values", "default", "doc"))
+            if "values" not in fields or "default" not in fields:
+                self.fail(knode, f"variant '{name}' needs 'values' and 'default'")
+            vals_node = fields["values"][1]
+            if not isinstance(vals_node, yaml.SequenceNode) or not vals_node.value:
+                self.fail(vals_node, f"values of variant '{name}' must be a non-empty list")
+            values = []
+            for v in vals_node.value:
+                val = self.scalar(v, f"value of variant '{name}'")
+                if not isinstance(val, (bool, str)) or (isinstance(val, str) and not val.isidentifier()):
+                    self.fail(v, f"values of variant '{name}' must be true/false or names, got {val!r}")
+                if val in values:
+                    self.fail(v, f"value {val!r} repeated in variant '{name}'")
+                values.append(val)
+            if len({type(v) for v in values}) > 1:
+                self.fail(vals_node, f"values of variant '{name}' must be all booleans or all names")
+            default = self.scalar(fields["default"][1], f"default of variant '{name}'")
+            if default not in values or type(default) is not type(values[0]):
+                self.fail(fields["default"][1], f"default {default!r} of variant '{name}' is not one of {values}")
+            doc = self.string(fields["doc"][1], "doc") if "doc" in fields else ""
+            out.append(VariantSpec(name, self.loc(knode), tuple(values), default, doc))
+        return tuple(out)
+
+    def check_names(self, name, aliases, inputs, params, variants, let, top):
+        seen: dict = {}
+        for kind, items in (("input", inputs), ("param", params), ("variant", variants)):
+            for item in items:
+                self.claim(seen, item.name, kind, item.loc)
+        for lname, formula in let:
+            self.claim(seen, lname, "let", formula.loc)
+        if len(set(aliases)) != len(aliases) or name in aliases:
+            self.fail(top["aliases"][1], "aliases repeat a name")
+
+    def claim(self, seen: dict, name: str, kind: str, loc: Loc):
+        if name in RESERVED:
+            raise SpecError(loc, f"{kind} name '{name}' is reserved by the runtime "
+                                 f"(reserved: {', '.join(sorted(RESERVED))})")
+        if name in seen:
+            raise SpecError(loc, f"{kind} name '{name}' is already used by {seen[name]}")
+        seen[name] = f"the {kind} at line {loc.line}"
+
+    def examples(self, node, inputs, params, variants) -> tuple:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, f"examples must be a list, got {_kind(node)}")
+        input_names = [i.name for i in inputs]
+        allowed = [*input_names, *(p.name for p in params), *(v.name for v in variants), "loss", "grad"]
+        out = []
+        for ex in node.value:
+            items = self.mapping(ex, "an example")
+            self.check_keys(items, allowed, "an example")
+            for req in ["loss", *(i.name for i in inputs if i.default is None)]:
+                if req not in items:
+                    self.fail(ex, f"example needs '{req}'")
+            vals = {}
+            for key, (_, vnode) in items.items():
+                variant = next((v for v in variants if v.name == key), None)
+                if variant is not None:
+                    val = self.scalar(vnode, f"example {key}")
+                    if val not in variant.values or type(val) is not type(variant.values[0]):
+                        self.fail(vnode, f"example {key}: {val!r} is not one of {list(variant.values)}")
+                    vals[key] = val
+                else:
+                    vals[key] = self.number(vnode, f"example {key}")
+            out.append(ExampleSpec(
+                loc=self.loc(ex),
+                inputs={k: v for k, v in vals.items() if k in input_names},
+                options={k: v for k, v in vals.items() if k not in input_names and k not in ("loss", "grad")},
+                loss=vals["loss"], grad=vals.get("grad"),
+            ))
+        return tuple(out)
+
+
+def _kind(node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"{node.value!r}"
