@@ -231,6 +231,7 @@ def runtime_meta(sym: SymbolicLoss) -> dict:
         "reference": spec.reference,
         "doc": spec.doc,
         "formula": spec.loss.text.strip(),
+        "positional": list(spec.positional),
         "inputs": [{"name": i.name, "differentiable": i.differentiable, "default": i.default,
                     "doc": i.doc} for i in spec.inputs],
         "params": [{"name": p.name, "default": p.default, "min": p.min, "max": p.max, "gt": p.gt,

@@ -116,6 +116,8 @@ class LossSpec:
     loss: Formula
     examples: tuple  # of ExampleSpec
     source_hash: str  # sha256 of the spec file's bytes
+    # Constructor arguments accepted by position, in order; the others are keyword-only.
+    positional: tuple = ()
 
     @property
     def pred(self) -> InputSpec:

@@ -99,13 +99,16 @@ def bind_package(ns: dict):
 def make_loss_class(meta: dict, lib, ffi) -> type:
     """A Loss subclass for one spec, with its signature and docstring."""
     cname = meta["aliases"][0] if meta["aliases"] else meta["name"]
-    ctor = [inspect.Parameter(p["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p["default"])
-            for p in meta["params"]]
-    ctor += [inspect.Parameter(v["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v["default"])
-             for v in meta["variants"]]
-    ctor += [inspect.Parameter("weight", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=1.0),
-             inspect.Parameter("batch_axis", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=0),
-             inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="none")]
+    defaults = {p["name"]: p["default"] for p in meta["params"]}
+    defaults.update({v["name"]: v["default"] for v in meta["variants"]})
+    defaults.update(weight=1.0, batch_axis=0)
+    # Positional order is the spec's (Gluon's order differs per loss); the rest keyword-only.
+    positional = meta["positional"]
+    ctor = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[n])
+            for n in positional]
+    ctor += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+             for n, d in defaults.items() if n not in positional]
+    ctor.append(inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="none"))
     required = [i for i in meta["inputs"] if i["default"] is None]
     optional = [i for i in meta["inputs"] if i["default"] is not None]
     call = [inspect.Parameter(i["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in required]
@@ -343,8 +346,9 @@ class Loss:
         ffi = self._ffi
         ptype, sfx = _CTYPE[dtype]
         args = [nb, nf]
+        keep = []  # contiguous copies must outlive the call: the kernel gets raw addresses
         for _, arr, _ in arrays:
-            args += _operand(ffi, ptype, arr, axis, dtype)
+            args += _operand(ffi, ptype, arr, axis, keep)
         args += list(self.params.values())
         total = ffi.new("double *")
         args += [vscale, gscale, vout.operand(ffi, ptype, 0)[0] if vout is not None else ffi.NULL, total]
@@ -407,13 +411,15 @@ def _collapse(arr, axis):
     return sb, rest[-1][1]
 
 
-def _operand(ffi, ptype, arr, axis, dtype):
-    """(pointer, stride over samples, stride over features) for a read-only operand."""
+def _operand(ffi, ptype, arr, axis, keep: list):
+    """(pointer, stride over samples, stride over features) for a read-only operand; any
+    copy made is appended to `keep`, which the caller holds until the kernel returns."""
     if arr.ndim == 0:
         return [ffi.cast(ptype, arr.ctypes.data), 0, 0]
     st = _collapse(arr, axis)
     if st is None:  # e.g. a broadcast that mixes zero and non-zero strides among features
         arr = np.ascontiguousarray(np.moveaxis(arr, axis, 0))
+        keep.append(arr)
         axis = 0
         st = _collapse(arr, 0)
     return [ffi.cast(ptype, arr.ctypes.data), st[0], st[1]]
@@ -466,7 +472,7 @@ def _output(given, what, shape, dtype, arrays, who, axis) -> _Out:
 def _as_tuple(x, n, what, who):
     if x is None:
         return (None,) * n
-    if n == 1 and isinstance(x, np.ndarray):
+    if n == 1:
         return (x,)
     if not isinstance(x, (tuple, list)) or len(x) != n:
         raise TypeError(f"{who}: {what} must be {'an array' if n == 1 else f'a tuple of {n} arrays'}")

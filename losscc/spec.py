@@ -23,7 +23,8 @@ RESERVED = frozenset(
     {"weight", "batch_axis", "reduction", "sample_weight", "out", "grad_out", "hess_out", "self"}
 )
 TOP_KEYS = ("name", "aliases", "summary", "reference", "doc", "inputs", "params", "variants",
-            "let", "loss", "examples")
+            "positional", "let", "loss", "examples")
+COMMON_ARGS = ("weight", "batch_axis")  # constructor arguments every loss has
 _STR_TAG = "tag:yaml.org,2002:str"
 _SCALAR_TAGS = {
     _STR_TAG, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
@@ -207,6 +208,9 @@ class _Validator:
         inputs = self.inputs(top["inputs"][1])
         params = self.params(top["params"][1]) if "params" in top else ()
         variants = self.variants(top["variants"][1]) if "variants" in top else ()
+        positional = (*(p.name for p in params), *(v.name for v in variants), *COMMON_ARGS)
+        if "positional" in top:
+            positional = self.positional(top["positional"][1], params, variants)
         let = ()
         if "let" in top:
             let = tuple((self.identifier(k, "let name"), self.formula(v, f"let '{k.value}'"))
@@ -220,7 +224,22 @@ class _Validator:
             name=name, path=self.label, loc=self.loc(top["name"][1]), summary=summary,
             reference=reference, doc=doc, aliases=aliases, inputs=inputs, params=params,
             variants=variants, let=let, loss=loss, examples=examples, source_hash=source_hash,
+            positional=positional,
         )
+
+    def positional(self, node, params, variants) -> tuple:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, f"positional must be a list of names, got {_kind(node)}")
+        allowed = (*(p.name for p in params), *(v.name for v in variants), *COMMON_ARGS)
+        names = []
+        for n in node.value:
+            name = self.string(n, "positional")
+            if name not in allowed:
+                self.fail(n, f"positional: '{name}' is not a constructor argument (allowed: {', '.join(allowed)})")
+            if name in names:
+                self.fail(n, f"positional: '{name}' is listed twice")
+            names.append(name)
+        return tuple(names)
 
     def inputs(self, node) -> tuple:
         items = self.mapping(node, "inputs")
