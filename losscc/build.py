@@ -1,7 +1,8 @@
 """Build stage: specs -> derived, generated and compiled module under build/<name>/.
 
-Incremental: the module's cache key hashes every spec, the templates, the compiler flags and
-the versions of losscc, sympy, cffi and the Python ABI; an unchanged rebuild does nothing.
+Incremental: the module's cache key hashes every spec, the templates, the compiler flags, the
+source of losscc's compiler stages and the versions of sympy, cffi and the Python ABI; an
+unchanged rebuild does nothing.
 Each loss's generated C is cached on its own (build/.cache/), so editing one spec re-derives
 only that spec. Atomic: the module is compiled into a fresh folder .<name>-<key>/ and
 published by swapping the symlink <name> -> .<name>-<key> with one rename, so a failed,
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BuildError, SpecError
-from .ir import KernelSource, LossSpec
-from .resources import templates_hash
+from .ir import MANIFEST_FORMAT, KernelSource, LossSpec
+from .resources import compiler_hash, templates_hash
 from .spec import load_spec, spec_files
 
 CFLAGS = ("-O3", "-std=c99", "-fno-math-errno")
@@ -77,8 +78,9 @@ def build(paths, out="build", name="losses", force=False, log=print, verbose=Fal
 
 def cache_key(specs: list[LossSpec]) -> str:
     h = hashlib.sha256()
-    for part in (__version__, _version("sympy"), _version("cffi"), sysconfig.get_config_var("EXT_SUFFIX"),
-                 os.environ.get("CC", ""), " ".join(CFLAGS), templates_hash()):
+    for part in (__version__, compiler_hash(), _version("sympy"), _version("cffi"),
+                 sysconfig.get_config_var("EXT_SUFFIX"), os.environ.get("CC", ""), " ".join(CFLAGS),
+                 templates_hash()):
         h.update(str(part).encode() + b"\0")
     for s in specs:
         h.update(f"{s.path}\0{s.source_hash}\0".encode())
@@ -105,8 +107,8 @@ def _check_unique(specs):
 
 def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=False) -> KernelSource:
     """Derive and generate one loss, or reuse the cached result for the same spec bytes."""
-    h = hashlib.sha256(f"{__version__}\0{_version('sympy')}\0{templates_hash()}\0{spec.path}\0"
-                       f"{spec.source_hash}".encode()).hexdigest()
+    h = hashlib.sha256(f"{__version__}\0{compiler_hash()}\0{_version('sympy')}\0{templates_hash()}\0"
+                       f"{spec.path}\0{spec.source_hash}".encode()).hexdigest()
     entry = cache / f"{spec.name}-{h[:24]}.json"
     if not force and entry.is_file():
         try:
@@ -156,7 +158,7 @@ def _compile(sources, out: Path, name: str, key: str) -> Path:
         shutil.copy2(so, pkg / so.name)
         (pkg / "kernels.c").write_text(c_source)
         manifest = {
-            "losscc_version": __version__, "module": name, "cache_key": key,
+            "format": MANIFEST_FORMAT, "losscc_version": __version__, "module": name, "cache_key": key,
             "extension": so.name, "losses": [s.meta for s in sources],
         }
         (pkg / MANIFEST).write_text(json.dumps(manifest, indent=1))

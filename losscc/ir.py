@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Version of the manifest.json a build writes for the runtime; bump it when its fields change.
+MANIFEST_FORMAT = 1
+
 
 @dataclass(frozen=True)
 class Loc:

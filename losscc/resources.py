@@ -1,4 +1,4 @@
-"""Where the templates are, and their hash for the build cache (no heavy imports)."""
+"""Where the templates are, and the hashes the build cache keys on (no heavy imports)."""
 
 from __future__ import annotations
 
@@ -21,4 +21,18 @@ def templates_hash() -> str:
     h = hashlib.sha256()
     for p in sorted(templates_dir().glob("*.j2")):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+# The modules whose code decides what a build produces (the runtime and CLI do not).
+_COMPILER_MODULES = ("ir.py", "spec.py", "expr.py", "functions.py", "derive.py", "codegen.py",
+                     "build.py", "resources.py", "errors.py")
+
+
+def compiler_hash() -> str:
+    """Hash of the compiler stages' source, so an edited losscc never reuses a stale build."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in _COMPILER_MODULES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
     return h.hexdigest()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LoadError
-from .ir import bound_error, variant_key
+from .ir import MANIFEST_FORMAT, bound_error, variant_key
 
 REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -69,6 +69,9 @@ def _manifest(path: Path) -> dict:
         raise LoadError(f"{path}: not a losscc build (no manifest.json); {hint}") from None
     except (OSError, ValueError) as exc:
         raise LoadError(f"{path}: unreadable manifest.json ({exc}); {hint}") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise LoadError(f"{path}: built by another losscc version (manifest format "
+                        f"{manifest.get('format')!r}, this losscc reads {MANIFEST_FORMAT}); {hint}")
     if not (path / "__init__.py").is_file() or not (path / manifest.get("extension", "?")).is_file():
         raise LoadError(f"{path}: the build is incomplete (missing __init__.py or the compiled "
                         f"kernels); {hint}")
