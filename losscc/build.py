@@ -45,12 +45,19 @@ class BuildReport:
 
 def build(paths, out="build", name="losses", force=False, log=print, verbose=False) -> BuildReport:
     """Build every spec under `paths` into the package out/name; returns what happened."""
+    try:
+        return _build(paths, Path(out), name, force, log, verbose)
+    except OSError as exc:  # a read-only folder, a full disk: say which file, not a traceback
+        where = exc.filename or out
+        raise BuildError(f"cannot write the build under {where}: {exc.strerror or exc}") from None
+
+
+def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> BuildReport:
     if not (name.isascii() and name.isidentifier()) or name.startswith("_"):
         raise BuildError(f"--name '{name}' must be an ASCII Python identifier not starting with '_'")
     t0 = time.perf_counter()
     specs = [load_spec(f) for f in spec_files(paths)]
     _check_unique(specs)
-    out = Path(out)
     target = out / name
     key = cache_key(specs)
     report = BuildReport(path=target, cache_key=key, status="up to date")

@@ -134,3 +134,15 @@ def test_wheel_ships_the_templates(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for t in (ROOT / "templates").glob("*.j2"):
         assert f"losscc/templates/{t.name}" in names
+
+
+def test_full_disk_is_a_clear_error(two_specs, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".losses.tmp-x"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_space)
+    with pytest.raises(BuildError, match=r"cannot write the build under .*\.losses\.tmp-x: No space left on device"):
+        _build(two_specs, tmp_path)

@@ -234,3 +234,56 @@ def test_64_bit_offsets(losses, tmp_path):
     np.testing.assert_array_equal(v, [2.0, 8.0])   # 0.5 * (3 - 1)^2, 0.5 * (5 - 1)^2
     np.testing.assert_array_equal(g, [2.0, 4.0])
     del far, mm
+
+
+# ---------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+
+@st.composite
+def gluon_case(draw):
+    """A pred shape with a batch axis, a broadcastable sample-weight shape, and options."""
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=4))
+    axis = draw(st.integers(-len(shape), len(shape) - 1))
+    sw_shape = draw(hnp.broadcastable_shapes(shape, min_dims=0, max_dims=len(shape), min_side=0)
+                    .filter(lambda s: np.broadcast_shapes(shape, s) == shape))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    weight = draw(st.floats(-3, 3, allow_nan=False))
+    reduction = draw(st.sampled_from(["none", "sum", "mean"]))
+    rho = draw(st.floats(0.1, 3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return shape, axis, sw_shape, dtype, weight, reduction, rho, seed
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=gluon_case())
+def test_huber_matches_numpy_on_drawn_shapes_and_weights(losses, case):
+    shape, axis, sw_shape, dtype, weight, reduction, rho, seed = case
+    rng = np.random.default_rng(seed)
+    p = (rng.normal(size=shape) * 2).astype(dtype)
+    y = (rng.normal(size=shape) * 2).astype(dtype)
+    sw = rng.uniform(size=sw_shape).astype(dtype)
+    loss = losses.HuberLoss(rho=rho, weight=weight, batch_axis=axis, reduction=reduction)
+    v, g = loss.value_and_grad(p, y, sw)
+    # numpy reference in float64 from Gluon's definition
+    p64, y64, sw64 = p.astype(np.float64), y.astype(np.float64), sw.astype(np.float64)
+    rho32 = float(dtype(rho))  # the kernel sees rho in its own dtype
+    e = y64 - p64
+    ell = np.where(np.abs(e) > rho32, np.abs(e) - 0.5 * rho32, 0.5 / rho32 * e**2) * sw64 * weight
+    dl = np.where(np.abs(e) > rho32, -np.sign(e), -e / rho32) * sw64 * weight
+    ax = axis % len(shape)
+    n_b, n_f = shape[ax], int(np.prod([s for i, s in enumerate(shape) if i != ax]))
+    other = tuple(i for i in range(len(shape)) if i != ax)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = ell.mean(axis=other) if other else ell
+        if n_f == 0:
+            per = np.full(n_b, np.nan)
+        want = {"none": per, "sum": per.sum(), "mean": per.mean() if n_b else np.nan}[reduction]
+        gwant = dl / max(n_f, 1) / (n_b if reduction == "mean" and n_b else 1)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(np.asarray(v, np.float64), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(g.astype(np.float64), gwant, rtol=tol, atol=tol)
+    assert g.shape == shape and g.dtype == dtype and np.asarray(v).dtype == dtype
