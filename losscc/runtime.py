@@ -305,6 +305,8 @@ class Loss:
                 gouts.append(_output(g, "grad_out", shape, dtype, arrays, self._display, axis))
         hout = _output(hess_out, "hess_out", shape, dtype, arrays, self._display, axis) \
             if "h" in mode else None
+        _check_disjoint(self._display, [("out", vout), ("hess_out", hout),
+                                        *(("grad_out", g) for g in gouts)])
 
         total = math.nan if (nb and not nf) else 0.0
         if nb and nf:
@@ -470,6 +472,15 @@ def _output(given, what, shape, dtype, arrays, who, axis) -> _Out:
         if np.may_share_memory(given, arr):
             raise ValueError(f"{who}: {what} overlaps the input '{name}'")
     return _Out(given)
+
+
+def _check_disjoint(who, outs):
+    """The kernel writes every output in one pass: two that share memory would race."""
+    outs = [(name, o.arr) for name, o in outs if o is not None]
+    for i, (n1, a1) in enumerate(outs):
+        for n2, a2 in outs[i + 1:]:
+            if np.may_share_memory(a1, a2):
+                raise ValueError(f"{who}: {n1} and {n2} share memory")
 
 
 def _as_tuple(x, n, what, who):

@@ -132,6 +132,9 @@ def test_read_only_and_overlapping_out(losses):
         losses.L2Loss().grad(p, y, grad_out=ro)
     with pytest.raises(ValueError, match="grad_out overlaps the input 'pred'"):
         losses.L2Loss().grad(p, y, grad_out=p)
+    buf = np.empty((3, 4))
+    with pytest.raises(ValueError, match="grad_out and hess_out share memory|hess_out and grad_out share memory"):
+        losses.L2Loss().grad_hess(p, y, grad_out=buf, hess_out=buf)
     with pytest.raises(ValueError, match="needs reduction='none'"):
         losses.L2Loss(reduction="sum")(p, y, out=np.empty(3))
 
