@@ -67,20 +67,24 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
             and (target / manifest.get("extension", "")).is_file():
         for s in specs:
             log(f"  {s.name}: up to date")
-        log(f"{target}: up to date ({len(specs)} losses, {time.perf_counter() - t0:.2f} s)")
+        log(f"{target}: up to date ({_plural(len(specs), 'loss')}, {time.perf_counter() - t0:.2f} s)")
         return report
 
     out.mkdir(parents=True, exist_ok=True)
     sources = [_generate_cached(s, out / ".cache", force, log, verbose) for s in specs]
     t1 = time.perf_counter()
-    folder = _compile(sources, out, name, key)
+    folder = _compile(sources, out, name, key, force)
     n_kernels = sum(s.cdef.count(";") for s in sources)
     log(f"  compiled {n_kernels} kernels in {time.perf_counter() - t1:.1f} s")
     _publish(folder, target)
     _remove_stale(out, name, keep=folder)
     report.status = "built"
-    log(f"{target}: built {len(specs)} losses in {time.perf_counter() - t0:.1f} s")
+    log(f"{target}: built {_plural(len(specs), 'loss')} in {time.perf_counter() - t0:.1f} s")
     return report
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
 
 
 def cache_key(specs: list[LossSpec]) -> str:
@@ -106,9 +110,9 @@ def _version(dist: str) -> str:
 def _check_unique(specs):
     seen: dict = {}
     for s in specs:
-        for n in (s.name, *s.aliases):
+        for n, loc in ((s.name, s.loc), *zip(s.aliases, s.alias_locs)):
             if n in seen:
-                raise SpecError(s.loc, f"loss name '{n}' is already used by {seen[n]}")
+                raise SpecError(loc, f"loss name '{n}' is already used by {seen[n]}")
             seen[n] = f"{s.path} ({s.name})"
 
 
@@ -139,7 +143,7 @@ def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=Fals
     return source
 
 
-def _compile(sources, out: Path, name: str, key: str) -> Path:
+def _compile(sources, out: Path, name: str, key: str, force: bool) -> Path:
     """Compile into a fresh hidden folder and return it, complete, or raise BuildError."""
     import cffi
 
@@ -171,14 +175,25 @@ def _compile(sources, out: Path, name: str, key: str) -> Path:
         (pkg / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (pkg / "__init__.py").write_text(template_env().get_template("package.py.j2").render(
             name=name, version=__version__, cache_key=key, losses=[s.meta for s in sources]))
-        try:
-            os.rename(pkg, final)
-        except OSError:
-            if not (final / MANIFEST).is_file():  # not a concurrent build of the same key
-                raise
+        _install(pkg, final, replace=force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _install(pkg: Path, final: Path, replace: bool):
+    """Move the finished package to its final name. An existing folder of the same key is
+    kept if it is complete (a concurrent build made the same thing), replaced if it is
+    damaged or the build was forced."""
+    if final.exists():
+        complete = _read_manifest(final) is not None and (final / "__init__.py").is_file() and \
+            (final / _read_manifest(final).get("extension", "?")).is_file()
+        if complete and not replace:
+            return
+        aside = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(pkg, final)
 
 
 def _publish(folder: Path, target: Path):

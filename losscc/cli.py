@@ -52,8 +52,10 @@ def _list(args) -> int:
         meta = cls._meta
         params = ", ".join(f"{p['name']}={p['default']:g}" for p in meta["params"])
         variants = ", ".join(f"{v['name']}={'|'.join(map(str, v['values']))}" for v in meta["variants"])
+        optional = ", ".join(f"{i['name']}={i['default']:g}" for i in meta["inputs"] if i["default"] is not None)
+        optional = f"call-time {optional}" if optional else ""
         aliases = f" ({', '.join(meta['aliases'])})" if meta["aliases"] else ""
-        extras = "; ".join(x for x in (params, variants) if x)
+        extras = "; ".join(x for x in (params, variants, optional) if x)
         print(f"{name}{aliases}{': ' + extras if extras else ''}")
         print(f"    {meta['summary']}")
     return 0

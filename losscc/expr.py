@@ -8,6 +8,7 @@ spec cannot run code. Every error points at the offending character in the spec 
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -96,13 +97,21 @@ def _is_condition(x) -> bool:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A variant's value inside a formula: compared at compile time, never computed with."""
+
+    name: str
+    value: object  # bool or str
+    values: tuple
+
+
+@dataclass(frozen=True)
 class Scope:
     """What names mean inside one formula."""
 
     symbols: dict  # input or param name -> sympy Symbol
-    variants: dict  # variant name -> its value in the combination being compiled (bool or str)
+    variants: dict  # variant name -> Variant
     lets: dict  # let name -> sympy expression
-    variant_values: tuple = ()  # every variant's list of values, to catch misspelled ones
 
 
 class _Parser:
@@ -110,37 +119,69 @@ class _Parser:
         self.formula = formula
         self.scope = scope
         self.what = what
+        self.prefix = 0  # characters added in front of line 1 to parse a multi-line formula
+        self.line_starts = [0]
+        for line in formula.text.split("\n")[:-1]:
+            self.line_starts.append(self.line_starts[-1] + len(line) + 1)
 
-    def loc(self, node) -> Loc:
-        """Map an ast position back into the spec file (line 1 has the added '(')."""
-        line = getattr(node, "lineno", 1)
-        col = getattr(node, "col_offset", 0) - (1 if line == 1 else 0)
-        starts = self.formula.line_starts or ((self.formula.loc.line, self.formula.loc.col),)
-        fline, fcol = starts[min(line, len(starts)) - 1]
-        return Loc(self.formula.loc.file, fline, fcol + max(col, 0))
+    def loc_at(self, lineno: int, col_bytes: int) -> Loc:
+        """Map a parser position (1-based line, UTF-8 byte column) into the spec file."""
+        lines = self.formula.text.split("\n")
+        i = min(max(lineno, 1), len(lines)) - 1
+        col = col_bytes - (self.prefix if i == 0 else 0)
+        col = len(lines[i].encode()[:max(col, 0)].decode("utf-8", "ignore"))
+        return self.formula.loc_of(self.line_starts[i] + col)
 
     def fail(self, node, message: str):
-        raise SpecError(self.loc(node), f"{self.what}: {message}")
+        where = self.loc_at(getattr(node, "lineno", 1), getattr(node, "col_offset", 0))
+        raise SpecError(where, f"{self.what}: {message}")
 
     def parse(self):
-        text = self.formula.text
-        try:
-            tree = ast.parse("(" + text + "\n)", mode="eval")
-        except SyntaxError as exc:
-            fake = ast.Constant(0)
-            fake.lineno, fake.col_offset = exc.lineno or 1, (exc.offset or 1) - 1
-            self.fail(fake, f"syntax error: {exc.msg}")
-        except (RecursionError, MemoryError, ValueError):
-            raise SpecError(self.formula.loc, f"{self.what}: expression is too deeply nested") from None
+        tree = self._syntax_tree()
         count = sum(1 for _ in ast.walk(tree))
         if count > MAX_NODES:
             raise SpecError(self.formula.loc, f"{self.what}: expression has {count} parts, "
                                               f"more than the {MAX_NODES} allowed")
         return self.visit(tree.body, 0)
 
+    def _syntax_tree(self):
+        """Parse the text as written; a formula spread over several lines is parsed inside
+        parentheses, as long as the text's own brackets balance."""
+        text = self.formula.text
+        try:
+            return ast.parse(text, mode="eval")
+        except SyntaxError as exc:
+            first = exc
+        except (RecursionError, MemoryError, ValueError):
+            raise SpecError(self.formula.loc, f"{self.what}: expression is too long or too deeply "
+                                              "nested for the parser") from None
+        try:
+            tree = ast.parse("(" + text + "\n)", mode="eval")
+            if _closes_early("(" + text + "\n)"):
+                raise SyntaxError("unmatched ')'")
+            self.prefix = 1
+            return tree
+        except SyntaxError as exc:
+            second = exc
+        except (RecursionError, MemoryError, ValueError):
+            second = first
+        # Both failed. A formula spread over lines fails as written at its first line break,
+        # so there the parenthesized attempt points at the real mistake -- unless its error
+        # is on the ')' we added (an unclosed bracket of the user's: Python's first message
+        # says so). A one-line formula gets Python's message about the text as written.
+        n_lines = text.rstrip("\n").count("\n") + 1
+        inside = second.lineno is not None and second.lineno <= n_lines and (second.offset or 0) > 1
+        if (n_lines > 1 and inside) or not first.offset:
+            self.prefix = 1
+            where, message = self.loc_at(second.lineno or 1, (second.offset or 1) - 1), second.msg
+        else:
+            where, message = self.loc_at(first.lineno or 1, first.offset - 1), first.msg
+        raise SpecError(where, f"{self.what}: syntax error: {message}")
+
     def visit(self, node, depth: int):
         if depth > MAX_DEPTH:
-            self.fail(node, f"expression nests deeper than {MAX_DEPTH} levels")
+            self.fail(node, f"expression nests deeper than {MAX_DEPTH} levels (a chain of n "
+                            "operators counts as n levels: split it with let)")
         method = getattr(self, "visit_" + type(node).__name__, None)
         if method is None:
             kind = _DESCRIBE.get(type(node), type(node).__name__)
@@ -150,16 +191,31 @@ class _Parser:
     def value(self, node, depth):
         """A sub-expression that must be a number-valued sympy expression."""
         result = self.visit(node, depth)
+        if isinstance(result, Variant):
+            self.fail(node, f"variant '{result.name}' is a compile-time choice, not a number: "
+                            f"test it, e.g. where({result.name} == {result.values[0]!r}, a, b)")
         if isinstance(result, str) or _is_condition(result):
             self.fail(node, "a condition or text is used where a number is expected")
         return result
 
     def condition(self, node, depth):
         result = self.visit(node, depth)
+        if isinstance(result, Variant) and isinstance(result.value, bool):
+            result = result.value
         if isinstance(result, bool):
             return sympy.true if result else sympy.false
         if not _is_condition(result):
             self.fail(node, "a number is used where a condition is expected (compare it, e.g. x > 0)")
+        return result
+
+    def checked(self, node, result):
+        """Refuse constants that are undefined or infinite (x / 0, log(0), 1e400)."""
+        if result.has(sympy.zoo, sympy.nan):
+            self.fail(node, "undefined value (a division by zero or a log of 0)")
+        if result.has(sympy.oo, -sympy.oo):
+            self.fail(node, "infinite value")
+        if result.is_Number and not math.isfinite(float(result)):
+            self.fail(node, f"constant {float(result):g} is beyond the range of double")
         return result
 
     def visit_Constant(self, node, depth):
@@ -167,8 +223,10 @@ class _Parser:
         if isinstance(v, bool):
             return v
         if isinstance(v, int):
-            return sympy.Integer(v)
+            return self.checked(node, sympy.Integer(v))
         if isinstance(v, float):
+            if not math.isfinite(v):
+                self.fail(node, "number is beyond the range of double")
             return sympy.Rational(repr(v))  # exact decimal: 0.5 -> 1/2, printed back as a literal
         if isinstance(v, str):
             return v
@@ -206,41 +264,46 @@ class _Parser:
             self.fail(node, f"operator {type(node.op).__name__} is not allowed (use + - * / **)")
         a = self.value(node.left, depth)
         b = self.value(node.right, depth)
-        if isinstance(node.op, ast.Pow) and b.is_Number and b.is_integer and abs(int(b)) > MAX_POWER:
-            self.fail(node.right, f"exponent {b} is larger than {MAX_POWER}")
-        try:
-            return op(a, b)
-        except ZeroDivisionError:
-            self.fail(node, "division by zero")
+        if isinstance(node.op, ast.Pow) and b.is_Number:
+            if b.is_integer and abs(int(b)) > MAX_POWER:
+                self.fail(node.right, f"exponent {b} is beyond +-{MAX_POWER}")
+            if a.is_Number and a != 0 and abs(float(b)) * math.log10(abs(float(a)) or 1e-300) > 308:
+                self.fail(node, f"constant {float(a):.6g}**{b} is beyond the range of double")
+        return self.checked(node, op(a, b))
 
     def visit_BoolOp(self, node, depth):
         parts = [self.condition(v, depth) for v in node.values]
         return sympy.And(*parts) if isinstance(node.op, ast.And) else sympy.Or(*parts)
 
     def visit_Compare(self, node, depth):
-        left_node, result = node.left, []
-        left = self.visit(left_node, depth)
+        result = []
+        left_node, left = node.left, self.visit(node.left, depth)
         for op, right_node in zip(node.ops, node.comparators):
             right = self.visit(right_node, depth)
-            result.append(self.compare(node, op, left, right))
-            left = right
+            result.append(self.compare(node, op, (left_node, left), (right_node, right)))
+            left_node, left = right_node, right
         return result[0] if len(result) == 1 else sympy.And(*result)
 
-    def compare(self, node, op, a, b):
-        if isinstance(a, (str, bool)) or isinstance(b, (str, bool)):
-            # Variant tests such as label_format == 'signed' are settled at compile time.
-            if not isinstance(op, (ast.Eq, ast.NotEq)):
-                self.fail(node, "variants and text can only be compared with == or !=")
-            if type(a) is not type(b) and not (isinstance(a, bool) and isinstance(b, bool)):
-                self.fail(node, f"cannot compare {a!r} with {b!r}")
-            allowed = [v for values in self.scope.variant_values for v in values if isinstance(v, str)]
-            for side in (a, b):
-                if isinstance(side, str) and allowed and side not in allowed:
-                    self.fail(node, f"'{side}' is not a value of any variant (values: {', '.join(map(str, allowed))})")
-            return (a == b) if isinstance(op, ast.Eq) else (a != b)
+    def compare(self, node, op, left, right):
+        (a_node, a), (b_node, b) = left, right
         if isinstance(op, (ast.In, ast.NotIn, ast.Is, ast.IsNot)):
             self.fail(node, f"operator {type(op).__name__} is not allowed")
-        return _COMPARE[type(op)](a, b)
+        if not any(isinstance(x, (Variant, str, bool)) for x in (a, b)):
+            return _COMPARE[type(op)](a, b)
+        # A variant test such as label_format == 'signed' is settled at compile time.
+        if not isinstance(op, (ast.Eq, ast.NotEq)):
+            self.fail(node, "a variant can only be compared with == or !=")
+        if isinstance(b, Variant) and not isinstance(a, Variant):
+            (a_node, a), (b_node, b) = (b_node, b), (a_node, a)
+        if not isinstance(a, Variant):
+            self.fail(node, f"cannot compare {a!r} with {b!r}: one side must be a variant")
+        other = b.value if isinstance(b, Variant) else b
+        if isinstance(b, Variant) and b.values != a.values:
+            self.fail(node, f"variants '{a.name}' and '{b.name}' have different values")
+        if other not in a.values or type(other) is not type(a.values[0]):
+            self.fail(b_node, f"{other!r} is not a value of variant '{a.name}' "
+                              f"(values: {', '.join(map(repr, a.values))})")
+        return (a.value == other) if isinstance(op, ast.Eq) else (a.value != other)
 
     def visit_IfExp(self, node, depth):
         return _where(self.condition(node.test, depth), self.value(node.body, depth),
@@ -248,6 +311,7 @@ class _Parser:
 
     def visit_Call(self, node, depth):
         if not isinstance(node.func, ast.Name):
+            self.visit(node.func, depth)  # says what it is: a lambda, an attribute, ...
             self.fail(node, "only named functions can be called, e.g. exp(x)")
         name = node.func.id
         if name not in FUNCTIONS:
@@ -266,7 +330,7 @@ class _Parser:
             return _where(self.condition(node.args[0], depth), self.value(node.args[1], depth),
                           self.value(node.args[2], depth))
         args = [self.value(a, depth) for a in node.args]
-        return builder(*args)
+        return self.checked(node, builder(*args))
 
     def piecewise(self, node, depth):
         pieces = []
@@ -279,16 +343,40 @@ class _Parser:
         return sympy.Piecewise(*pieces)
 
 
+def _closes_early(wrapped: str) -> bool:
+    """True if the '(' we put in front is closed before the ')' we put at the end, i.e. the
+    text's own brackets do not balance (\"a) + (b\" must stay an error)."""
+    import io
+    import tokenize
+
+    depth = 0
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(wrapped).readline) if t.type == tokenize.OP]
+    for i, tok in enumerate(tokens):
+        depth += tok.string in "([{"
+        depth -= tok.string in ")]}"
+        if depth == 0 and i != len(tokens) - 1:
+            return True
+    return False
+
+
 def parse_formula(formula: Formula, scope: Scope, what: str = "loss"):
     """The sympy expression of `formula`, or a SpecError pointing into the spec."""
     expr = _Parser(formula, scope, what).parse()
-    if isinstance(expr, str) or _is_condition(expr):
-        raise SpecError(formula.loc, f"{what}: must be a number-valued expression, not a condition")
+    if isinstance(expr, (str, Variant)) or _is_condition(expr):
+        raise SpecError(formula.loc_of(0), f"{what}: must be a number-valued expression, "
+                                           "not text, a variant or a condition")
     return expr
 
 
 def symbols_for(spec) -> dict:
     """The sympy Symbol of every input and param, named as it is spelled in C (x_*, p_*)."""
+    for item in (*spec.inputs, *spec.params, *spec.variants):
+        if item.name in FUNCTIONS or item.name in CONSTANTS:
+            kind = "function" if item.name in FUNCTIONS else "constant"
+            raise SpecError(item.loc, f"'{item.name}' is the name of a built-in {kind}; rename it")
+    for lname, formula in spec.let:
+        if lname in FUNCTIONS or lname in CONSTANTS:
+            raise SpecError(formula.loc, f"let '{lname}' is the name of a built-in; rename it")
     out = {}
     for inp in spec.inputs:
         out[inp.name] = sympy.Symbol("x_" + inp.name, real=True)
@@ -302,9 +390,8 @@ def symbols_for(spec) -> dict:
 
 def parse_spec_math(spec, options: dict, symbols: dict):
     """The loss of `spec` for one variant combination, with its `let` definitions substituted."""
+    variants = {v.name: Variant(v.name, options[v.name], v.values) for v in spec.variants}
     lets: dict = {}
-    variant_values = tuple(v.values for v in spec.variants)
     for name, formula in spec.let:
-        lets[name] = parse_formula(formula, Scope(symbols, options, dict(lets), variant_values),
-                                   f"let '{name}'")
-    return parse_formula(spec.loss, Scope(symbols, options, lets, variant_values), "loss")
+        lets[name] = parse_formula(formula, Scope(symbols, variants, dict(lets)), f"let '{name}'")
+    return parse_formula(spec.loss, Scope(symbols, variants, lets), "loss")

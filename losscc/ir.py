@@ -86,12 +86,20 @@ class VariantSpec:
 
 @dataclass(frozen=True)
 class Formula:
-    """A piece of spec math with the location of its first character and its YAML style."""
+    """A piece of spec math and where it is in the spec file."""
 
     text: str
-    loc: Loc
-    # Where each line of `text` starts in the file: (line, col) per text line.
-    line_starts: tuple = ()
+    loc: Loc  # where its first character is
+    # The file (line, col) of each character of `text`; None for whitespace.
+    positions: tuple = ()
+
+    def loc_of(self, index: int) -> Loc:
+        """The location of text[index], or of the nearest character that has one."""
+        pos = self.positions
+        for i in [*range(index, len(pos)), *range(min(index, len(pos)) - 1, -1, -1)]:
+            if pos[i] is not None:
+                return Loc(self.loc.file, *pos[i])
+        return self.loc
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ class LossSpec:
     source_hash: str  # sha256 of the spec file's bytes
     # Constructor arguments accepted by position, in order; the others are keyword-only.
     positional: tuple = ()
+    alias_locs: tuple = ()  # of Loc, one per alias
 
     @property
     def pred(self) -> InputSpec:

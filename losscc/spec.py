@@ -17,6 +17,7 @@ from .errors import SpecError
 from .ir import ExampleSpec, Formula, InputSpec, Loc, LossSpec, ParamSpec, VariantSpec, bound_error
 
 MAX_SPEC_BYTES = 256 * 1024
+MAX_YAML_DEPTH = 20  # nesting of mappings and lists; a spec needs 4
 
 # Names the runtime gives every loss; a spec may not reuse them.
 RESERVED = frozenset(
@@ -61,7 +62,9 @@ def load_spec(path) -> LossSpec:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError(Loc(label, 1, 1), f"spec is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError(Loc(label, line, col), f"spec is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse_spec(text, label, hashlib.sha256(raw).hexdigest())
 
 
@@ -76,10 +79,22 @@ def parse_spec(text: str, label: str = "<spec>", source_hash: str | None = None)
 
 
 def _compose(text: str, label: str) -> yaml.Node:
+    """The YAML node tree, after one streaming pass that refuses what specs never need:
+    anchors and aliases (billion laughs), explicit tags (!!python/...), deep nesting."""
     try:
+        depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            where = _loc(label, event.start_mark)
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise SpecError(_loc(label, event.start_mark), "YAML anchors and aliases are not allowed in specs")
+                raise SpecError(where, "YAML anchors and aliases are not allowed in specs")
+            if getattr(event, "tag", None) is not None:
+                raise SpecError(where, f"YAML tag '{event.tag}' is not allowed in specs")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise SpecError(where, f"YAML nests deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -125,7 +140,9 @@ class _Validator:
     def scalar(self, node, what: str):
         if not isinstance(node, yaml.ScalarNode):
             self.fail(node, f"{what} must be a single value, got {_kind(node)}")
-        if node.tag not in _SCALAR_TAGS:
+        if node.tag == "tag:yaml.org,2002:timestamp":
+            self.fail(node, f"{what} reads as a date; quote it if it is text")
+        if node.tag not in _SCALAR_TAGS:  # cannot happen after _compose; kept as a guard
             self.fail(node, f"{what}: YAML tag '{node.tag}' is not allowed in specs")
         return yaml.SafeLoader("").construct_object(node)
 
@@ -172,20 +189,44 @@ class _Validator:
         text = self.string(node, what)
         if not text.strip():
             self.fail(node, f"{what} is empty")
-        start = node.start_mark
-        if node.style in ("|", ">"):
-            # Block scalar: content starts on the next line, at the block's indentation.
-            starts = []
-            for i in range(len(text.splitlines())):
-                lineno = start.line + 1 + i
-                src = self.lines[lineno] if lineno < len(self.lines) else ""
-                starts.append((lineno + 1, len(src) - len(src.lstrip(" ")) + 1))
-        else:
-            quote = 1 if node.style in ("'", '"') else 0
-            starts = [(start.line + 1, start.column + 1 + quote)]
-            starts += [(start.line + 1, start.column + 1 + quote)] * (len(text.splitlines()) - 1)
-        loc = Loc(self.label, *starts[0]) if starts else self.loc(node)
-        return Formula(text=text, loc=loc, line_starts=tuple(starts))
+        positions = self.positions(text, node)
+        first = next((p for p in positions if p is not None), None)
+        loc = Loc(self.label, *first) if first else self.loc(node)
+        return Formula(text=text, loc=loc, positions=positions)
+
+    def positions(self, text: str, node) -> tuple:
+        """The file (line, col) of every non-space character of a scalar's value, found by
+        walking the source in step with the value: right for plain, quoted, literal (|)
+        and folded (>) styles alike, whatever the indentation."""
+        line, col = node.start_mark.line, node.start_mark.column
+        quoted = node.style in ("'", '"')
+        if quoted:
+            col += 1
+        elif node.style in ("|", ">"):
+            line, col = line + 1, 0
+        out = []
+        for ch in text:
+            if ch.isspace():
+                out.append(None)
+                continue
+            found = None
+            while line < len(self.lines) and found is None:
+                src = self.lines[line]
+                if col >= len(src):
+                    line, col = line + 1, 0
+                elif src[col] == ch:
+                    found = (line + 1, col + 1)
+                    col += 1
+                elif src[col].isspace():
+                    col += 1
+                elif quoted and src[col] == "\\":
+                    col += 2  # an escape such as \n stands for a space-like character
+                else:
+                    break  # the source no longer matches (an unusual escape): stop mapping
+            out.append(found)
+            if found is None:
+                break
+        return tuple(out)
 
     # -- sections -----------------------------------------------------------
 
@@ -196,12 +237,18 @@ class _Validator:
             if key not in top:
                 self.fail(root, f"missing required key '{key}'")
         name = self.identifier(top["name"][1], "name")
-        aliases = ()
+        aliases, alias_locs = (), ()
         if "aliases" in top:
             node = top["aliases"][1]
             if not isinstance(node, yaml.SequenceNode):
                 self.fail(node, f"aliases must be a list of names, got {_kind(node)}")
             aliases = tuple(self.identifier(n, "alias") for n in node.value)
+            alias_locs = tuple(self.loc(n) for n in node.value)
+            for i, (alias, where) in enumerate(zip(aliases, alias_locs)):
+                if alias == name:
+                    raise SpecError(where, f"alias '{alias}' is the loss's own name")
+                if alias in aliases[:i]:
+                    raise SpecError(where, f"alias '{alias}' is listed twice")
         summary = self.string(top["summary"][1], "summary").strip()
         reference = self.string(top["reference"][1], "reference").strip()
         doc = self.string(top["doc"][1], "doc").strip() if "doc" in top else ""
@@ -215,7 +262,7 @@ class _Validator:
         if "let" in top:
             let = tuple((self.identifier(k, "let name"), self.formula(v, f"let '{k.value}'"))
                         for k, v in self.mapping(top["let"][1], "let").values())
-        self.check_names(name, aliases, inputs, params, variants, let, top)
+        self.check_names(inputs, params, variants, let)
         loss = self.formula(top["loss"][1], "loss")
         examples = ()
         if "examples" in top:
@@ -224,7 +271,7 @@ class _Validator:
             name=name, path=self.label, loc=self.loc(top["name"][1]), summary=summary,
             reference=reference, doc=doc, aliases=aliases, inputs=inputs, params=params,
             variants=variants, let=let, loss=loss, examples=examples, source_hash=source_hash,
-            positional=positional,
+            positional=positional, alias_locs=alias_locs,
         )
 
     def positional(self, node, params, variants) -> tuple:
@@ -317,15 +364,13 @@ class _Validator:
             out.append(VariantSpec(name, self.loc(knode), tuple(values), default, doc))
         return tuple(out)
 
-    def check_names(self, name, aliases, inputs, params, variants, let, top):
+    def check_names(self, inputs, params, variants, let):
         seen: dict = {}
         for kind, items in (("input", inputs), ("param", params), ("variant", variants)):
             for item in items:
                 self.claim(seen, item.name, kind, item.loc)
         for lname, formula in let:
             self.claim(seen, lname, "let", formula.loc)
-        if len(set(aliases)) != len(aliases) or name in aliases:
-            self.fail(top["aliases"][1], "aliases repeat a name")
 
     def claim(self, seen: dict, name: str, kind: str, loc: Loc):
         if name in RESERVED:
