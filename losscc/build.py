@@ -4,9 +4,10 @@ Incremental: the module's cache key hashes every spec, the templates, the compil
 source of losscc's compiler stages and the versions of sympy, cffi and the Python ABI; an
 unchanged rebuild does nothing.
 Each loss's generated C is cached on its own (build/.cache/), so editing one spec re-derives
-only that spec. Atomic: the module is compiled into a fresh folder .<name>-<key>/ and
-published by swapping the symlink <name> -> .<name>-<key> with one rename, so a failed,
-killed or concurrent build never leaves a broken module behind.
+only that spec. Atomic: every build compiles into a fresh folder .<name>-<key>-<nonce>/ and
+publishes it by swapping the symlink <name> -> that folder with one rename, so a failed,
+killed or concurrent build never leaves a broken module behind. The folder published
+before stays until the next build (a process may be importing from it); older ones go.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build(paths, out="build", name="losses", force=False, log=print, verbose=Fal
         return _build(paths, Path(out), name, force, log, verbose)
     except OSError as exc:  # a read-only folder, a full disk: say which file, not a traceback
         where = exc.filename or out
-        raise BuildError(f"cannot write the build under {where}: {exc.strerror or exc}") from None
+        raise BuildError(f"cannot build under {where}: {exc.strerror or exc}") from None
 
 
 def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> BuildReport:
@@ -59,6 +60,9 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
     specs = [load_spec(f) for f in spec_files(paths)]
     _check_unique(specs)
     target = out / name
+    if target.exists() and not target.is_symlink() and _read_manifest(target) is None:
+        raise BuildError(f"{target} exists and is not a losscc build: choose another --out or "
+                         "--name, or remove it")
     key = cache_key(specs)
     report = BuildReport(path=target, cache_key=key, status="up to date")
 
@@ -73,11 +77,11 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
     out.mkdir(parents=True, exist_ok=True)
     sources = [_generate_cached(s, out / ".cache", force, log, verbose) for s in specs]
     t1 = time.perf_counter()
-    folder = _compile(sources, out, name, key, force)
+    folder = _compile(sources, out, name, key)
     n_kernels = sum(s.cdef.count(";") for s in sources)
     log(f"  compiled {n_kernels} kernels in {time.perf_counter() - t1:.1f} s")
-    _publish(folder, target)
-    _remove_stale(out, name, keep=folder)
+    previous = _publish(folder, target)
+    _remove_stale(out, name, keep={folder.name, previous})
     report.status = "built"
     log(f"{target}: built {_plural(len(specs), 'loss')} in {time.perf_counter() - t0:.1f} s")
     return report
@@ -89,9 +93,11 @@ def _plural(n: int, word: str) -> str:
 
 def cache_key(specs: list[LossSpec]) -> str:
     h = hashlib.sha256()
+    # setuptools compiles with the CC and *FLAGS of the environment: they change the kernels
+    env = [f"{v}={os.environ.get(v, '')}" for v in ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS")]
     for part in (__version__, compiler_hash(), _version("sympy"), _version("cffi"),
-                 sysconfig.get_config_var("EXT_SUFFIX"), os.environ.get("CC", ""), " ".join(CFLAGS),
-                 templates_hash()):
+                 sysconfig.get_config_var("EXT_SUFFIX"), sysconfig.get_config_var("CC"), *env,
+                 " ".join(CFLAGS), templates_hash()):
         h.update(str(part).encode() + b"\0")
     for s in specs:
         h.update(f"{s.path}\0{s.source_hash}\0".encode())
@@ -143,27 +149,27 @@ def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=Fals
     return source
 
 
-def _compile(sources, out: Path, name: str, key: str, force: bool) -> Path:
+def _compile(sources, out: Path, name: str, key: str) -> Path:
     """Compile into a fresh hidden folder and return it, complete, or raise BuildError."""
     import cffi
 
     from .codegen import module_source, template_env
 
     c_source, cdef = module_source(sources, name, key)
-    final = out / f".{name}-{key[:16]}"
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
+    final = out / f".{name}-{key[:16]}-{work.name.rsplit('-', 1)[-1]}"  # unique per build
     try:
         ffi = cffi.FFI()
         try:
             ffi.cdef(cdef)
-        except cffi.CDefError as exc:
+        except (cffi.CDefError, cffi.FFIError) as exc:
             raise BuildError(f"internal: generated cffi declarations are invalid: {exc}") from None
         ffi.set_source(f"{name}._kernels", c_source, extra_compile_args=list(CFLAGS))
         with _captured_stderr() as err:
             try:
                 so = Path(ffi.compile(tmpdir=str(work / "cffi"), verbose=False))
             except Exception as exc:  # distutils/setuptools CompileError, LinkError, VerificationError
-                raise BuildError(_compiler_message(err.read(), c_source, sources, exc)) from None
+                raise BuildError(_compiler_message(err.read(), work, name, exc)) from None
         pkg = work / "pkg"
         pkg.mkdir()
         shutil.copy2(so, pkg / so.name)
@@ -175,46 +181,40 @@ def _compile(sources, out: Path, name: str, key: str, force: bool) -> Path:
         (pkg / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (pkg / "__init__.py").write_text(template_env().get_template("package.py.j2").render(
             name=name, version=__version__, cache_key=key, losses=[s.meta for s in sources]))
-        _install(pkg, final, replace=force)
+        os.rename(pkg, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
 
 
-def _install(pkg: Path, final: Path, replace: bool):
-    """Move the finished package to its final name. An existing folder of the same key is
-    kept if it is complete (a concurrent build made the same thing), replaced if it is
-    damaged or the build was forced."""
-    if final.exists():
-        complete = _read_manifest(final) is not None and (final / "__init__.py").is_file() and \
-            (final / _read_manifest(final).get("extension", "?")).is_file()
-        if complete and not replace:
-            return
-        aside = final.with_name(f"{final.name}.old-{os.getpid()}")
-        os.rename(final, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    os.rename(pkg, final)
-
-
-def _publish(folder: Path, target: Path):
-    """Point `target` at `folder` with one atomic rename of a symlink."""
+def _publish(folder: Path, target: Path) -> str | None:
+    """Point `target` at `folder` with one atomic rename of a symlink; returns the name of
+    the folder it pointed at before."""
+    previous = os.readlink(target) if target.is_symlink() else None
     link = target.parent / f".{target.name}.link-{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         link.unlink()
     os.symlink(folder.name, link)
     if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)  # a plain folder left by hand; only symlinks are published
+        shutil.rmtree(target)  # an older build copied here as a folder (it has a manifest)
     os.replace(link, target)
+    return previous
 
 
-def _remove_stale(out: Path, name: str, keep: Path):
+def _remove_stale(out: Path, name: str, keep: set):
+    """Remove build folders and leftovers of killed builds: all but `keep`, once they are
+    older than STALE_SECONDS (younger ones may belong to a build running right now)."""
     now = time.time()
-    for p in out.glob(f".{name}-*"):
-        try:
-            if p != keep and now - p.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
+    for pattern in (f".{name}-*", f".{name}.tmp-*", f".{name}.link-*"):
+        for p in out.glob(pattern):
+            try:
+                if p.name not in keep and now - p.lstat().st_mtime > STALE_SECONDS:
+                    if p.is_symlink() or not p.is_dir():
+                        p.unlink()
+                    else:
+                        shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def _read_manifest(target: Path):
@@ -256,15 +256,16 @@ class _Reader:
         return self.f.read().decode("utf-8", "replace")
 
 
-def _compiler_message(stderr: str, c_source: str, sources, exc) -> str:
-    """The first compiler error, attributed to the spec whose kernels contain its line."""
+def _compiler_message(stderr: str, work: Path, name: str, exc) -> str:
+    """The first compiler error, attributed to the spec whose kernels contain its line (in
+    the file cffi compiled, which has cffi's own prelude in front of our source)."""
     first = next((ln for ln in stderr.splitlines() if "error" in ln), "") or str(exc)
-    m = re.search(r"_kernels\.c:(\d+):", first)
     culprit = "a generated kernel"
-    if m:
-        line = int(m.group(1))
-        text_lines = c_source.splitlines()[:line]
-        for ln in reversed(text_lines):
+    m = re.search(r"_kernels\.c:(\d+):", first)
+    compiled = work / "cffi" / name / "_kernels.c"
+    if m and compiled.is_file():
+        lines = compiled.read_text(errors="replace").splitlines()[:int(m.group(1))]
+        for ln in reversed(lines):
             hit = re.match(r"/\* ---- (\w+): from (.*) \(template", ln)
             if hit:
                 culprit = f"{hit.group(2)} ({hit.group(1)})"

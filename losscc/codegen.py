@@ -49,12 +49,25 @@ class LossCPrinter(C99CodePrinter):
       that eps survives at p = 1 in float32.
     """
 
-    HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", sympy.sign: "lcc_sign"}
+    HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus"}
 
-    def __init__(self, ctype: CType):
+    def __init__(self, ctype: CType, input_temps=frozenset()):
         alias = float32 if ctype.name == "float" else float64
-        super().__init__({"type_aliases": {real: alias}, "strict": True})
+        super().__init__({"type_aliases": {real: alias}, "strict": True, "math_macros": {}})
         self.ctype = ctype
+        self.input_temps = input_temps  # names of cse temporaries that depend on an input
+
+    def _print(self, expr, **kwargs):
+        # A constant subexpression (log(2), sqrt(2)/pi) is one correctly rounded literal.
+        if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Integer:
+            value = expr.evalf(30)
+            if not value.is_real:
+                raise BuildError(f"constant {expr} is not a real number")
+            return self._literal(float(value))
+        return super()._print(expr, **kwargs)
+
+    def reads_input(self, term) -> bool:
+        return any(s.name.startswith("x_") or s.name in self.input_temps for s in term.free_symbols)
 
     def helper(self, name: str, *args) -> str:
         return f"{name}{self.ctype.func_suffix}({', '.join(self._print(a) for a in args)})"
@@ -101,7 +114,12 @@ class LossCPrinter(C99CodePrinter):
 
     def _literal(self, value: float) -> str:
         if value != value or value in (float("inf"), float("-inf")):
-            raise BuildError(f"internal: non-finite constant {value} reached codegen")
+            raise BuildError(f"constant {value} is not finite")
+        if self.ctype.name == "float" and value != 0:
+            if abs(value) > 3.4028234663852886e38:
+                raise BuildError(f"constant {value!r} overflows float32")
+            if abs(value) < 1.401298464324817e-45:
+                raise BuildError(f"constant {value!r} is 0 in float32")
         text = repr(value)
         if "e" not in text and "." not in text:
             text += ".0"
@@ -125,9 +143,7 @@ class LossCPrinter(C99CodePrinter):
         def rank(term):
             if term.is_Number:
                 return 0
-            if any(s.name.startswith("x_") for s in term.free_symbols):
-                return 1
-            return 2
+            return 1 if self.reads_input(term) else 2
 
         terms = sorted(terms, key=rank)  # stable: sympy's order within each rank
         prec = precedence(expr)
@@ -158,24 +174,32 @@ class LossCPrinter(C99CodePrinter):
         return "0"
 
 
-@dataclass(frozen=True)
-class KernelBody:
-    """The statements of one kernel's inner loop, per dtype."""
+def shared_cse(variant):
+    """One `cse` over value, gradients and second derivative: the temporaries, and the
+    outputs ("val", "g0".., "h0") in terms of them. Every kernel mode prints from this one
+    result, so the value is the same expression (and the same bits) in every mode."""
+    names = ["val", *(f"g{i}" for i in range(len(variant.grads))), "h0"]
+    exprs = [variant.value, *variant.grads, variant.hess]
+    temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("t"), optimizations="basic")
+    return temps, dict(zip(names, reduced))
 
-    mode: str
-    statements: tuple  # of (C type, name, C expression)
 
-
-def kernel_body(printer: LossCPrinter, variant, mode: str) -> tuple:
-    outputs = [("val", variant.value)]
-    if "g" in mode:
-        outputs += [(f"g{i}", g) for i, g in enumerate(variant.grads)]
-    if "h" in mode:
-        outputs.append(("h0", variant.hess))
-    temps, reduced = sympy.cse([e for _, e in outputs], symbols=sympy.numbered_symbols("t"),
-                               optimizations="basic")
-    lines = [(str(t), printer.doprint(e)) for t, e in temps]
-    lines += [(name, printer.doprint(e)) for (name, _), e in zip(outputs, reduced)]
+def kernel_body(ctype: CType, cse_result, mode: str) -> tuple:
+    """(name, C expression) statements of one kernel mode: the temporaries its outputs use,
+    in order, then the outputs."""
+    temps, outputs = cse_result
+    wanted = [n for n in outputs if n == "val" or (n[0] == "g" and "g" in mode) or (n == "h0" and "h" in mode)]
+    needed = set().union(*(outputs[n].free_symbols for n in wanted))
+    for t, e in reversed(temps):  # a temporary is needed if a needed one or an output uses it
+        if t in needed:
+            needed |= e.free_symbols
+    input_temps = set()
+    for t, e in temps:
+        if any(s.name.startswith("x_") or s.name in input_temps for s in e.free_symbols):
+            input_temps.add(t.name)
+    printer = LossCPrinter(ctype, frozenset(input_temps))
+    lines = [(t.name, printer.doprint(e)) for t, e in temps if t in needed]
+    lines += [(n, printer.doprint(outputs[n])) for n in wanted]
     return tuple(lines)
 
 
@@ -193,18 +217,16 @@ def generate(sym: SymbolicLoss) -> KernelSource:
     env = template_env()
     kernels = []
     for variant in sym.variants:
+        shared = shared_cse(variant)
         for ctype in DTYPES:
-            printer = LossCPrinter(ctype)
             for mode in MODES:
                 try:
-                    body = kernel_body(printer, variant, mode)
-                except BuildError:
-                    raise
+                    body = kernel_body(ctype, shared, mode)
                 except Exception as exc:  # the strict printer met a node it cannot print
                     raise BuildError(f"{spec.loc}: {spec.name}: cannot generate C for variant "
                                      f"'{variant.key}': {exc}") from None
                 kernels.append({
-                    "cname": f"lcc_{spec.name}__{variant.key}__{mode}_{ctype.suffix}",
+                    "cname": kernel_name(spec.name, variant.key, mode, ctype),
                     "mode": mode, "ctype": ctype, "variant": variant.key, "body": body,
                 })
     ctx = {
@@ -217,6 +239,10 @@ def generate(sym: SymbolicLoss) -> KernelSource:
     c_source = env.get_template("elementwise.c.j2").render(**ctx)
     cdef = env.get_template("elementwise.cdef.j2").render(**ctx)
     return KernelSource(name=spec.name, c_source=c_source, cdef=cdef, meta=runtime_meta(sym))
+
+
+def kernel_name(loss: str, variant: str, mode: str, ctype: CType) -> str:
+    return f"lcc_{loss}__{variant}__{mode}_{ctype.suffix}"
 
 
 def runtime_meta(sym: SymbolicLoss) -> dict:
@@ -239,6 +265,8 @@ def runtime_meta(sym: SymbolicLoss) -> dict:
         "variants": [{"name": v.name, "values": list(v.values), "default": v.default, "doc": v.doc}
                      for v in spec.variants],
         "kernels": {v.key: {"options": v.options, "notes": list(v.notes),
+                            "names": {f"{mode}_{c.numpy}": kernel_name(spec.name, v.key, mode, c)
+                                      for mode in MODES for c in DTYPES},
                             "gradient": [str(g) for g in v.grads], "hessian": str(v.hess)}
                     for v in sym.variants},
         "examples": [{"inputs": e.inputs, "options": e.options, "loss": e.loss, "grad": e.grad,

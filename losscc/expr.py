@@ -171,9 +171,11 @@ class _Parser:
         # says so). A one-line formula gets Python's message about the text as written.
         n_lines = text.rstrip("\n").count("\n") + 1
         inside = second.lineno is not None and second.lineno <= n_lines and (second.offset or 0) > 1
-        if (n_lines > 1 and inside) or not first.offset:
+        if n_lines > 1 and inside:
             self.prefix = 1
-            where, message = self.loc_at(second.lineno or 1, (second.offset or 1) - 1), second.msg
+            where, message = self.loc_at(second.lineno, second.offset - 1), second.msg
+        elif not first.offset:  # Python knows only that the text ends too early: its last character
+            where, message = self.formula.loc_of(len(text.rstrip()) - 1), first.msg
         else:
             where, message = self.loc_at(first.lineno or 1, first.offset - 1), first.msg
         raise SpecError(where, f"{self.what}: syntax error: {message}")
@@ -209,13 +211,18 @@ class _Parser:
         return result
 
     def checked(self, node, result):
-        """Refuse constants that are undefined or infinite (x / 0, log(0), 1e400)."""
+        """Refuse constants that are undefined, complex or beyond double (x / 0, log(0),
+        sqrt(-1), exp(800), 1e400): they would only surface as inf, nan or a C error."""
         if result.has(sympy.zoo, sympy.nan):
             self.fail(node, "undefined value (a division by zero or a log of 0)")
         if result.has(sympy.oo, -sympy.oo):
             self.fail(node, "infinite value")
-        if result.is_Number and not math.isfinite(float(result)):
-            self.fail(node, f"constant {float(result):g} is beyond the range of double")
+        if result.is_number:
+            value = result.evalf(30)
+            if not value.is_real:
+                self.fail(node, f"constant {result} is not a real number")
+            if not math.isfinite(float(value)):
+                self.fail(node, f"constant {result} is beyond the range of double")
         return result
 
     def visit_Constant(self, node, depth):

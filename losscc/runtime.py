@@ -31,24 +31,28 @@ from .ir import MANIFEST_FORMAT, bound_error, variant_key
 
 REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_CTYPE = {np.dtype(np.float32): ("float *", "f32"), np.dtype(np.float64): ("double *", "f64")}
+_POINTER = {np.dtype(np.float32): "float *", np.dtype(np.float64): "double *"}
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def load_module(path):
-    """Import the package at `path` (written by `losscc build`) and return it."""
-    path = Path(os.path.abspath(path))
+    """Import the package at `path` (written by `losscc build`) and return it.
+
+    The path is resolved through the published symlink to the build's own folder, so a
+    rebuilt module is a new folder with a new compiled library: loading it after a rebuild
+    in the same process gives the new kernels, never the old library under a new manifest.
+    """
+    path = Path(path).resolve()
     manifest = _manifest(path)
-    name = path.name
+    name = manifest["module"]
     existing = sys.modules.get(name)
-    if existing is not None and getattr(existing, "_manifest", {}).get("cache_key") == manifest["cache_key"]:
+    if existing is not None and getattr(existing, "_manifest", {}).get("cache_key") != manifest["cache_key"]:
+        name = f"{name}_{manifest['cache_key'][:12]}"  # another build of that name is loaded
+        existing = sys.modules.get(name)
+    if existing is not None:
         return existing
-    if existing is not None:  # another module of that name (or an older build) is loaded
-        name = f"{name}_{manifest['cache_key'][:12]}"
-        if name in sys.modules:
-            return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
                                                   submodule_search_locations=[str(path)])
     module = importlib.util.module_from_spec(spec)
@@ -190,7 +194,11 @@ class Loss:
         self.params = {p["name"]: self._check_param(p, a[p["name"]]) for p in self._meta["params"]}
         self.options = {v["name"]: self._check_variant(v, a[v["name"]]) for v in self._meta["variants"]}
         weight = 1.0 if a["weight"] is None else a["weight"]
-        if not _is_real(weight) or not math.isfinite(weight):
+        try:
+            finite = _is_real(weight) and math.isfinite(weight)
+        except OverflowError:
+            finite = False
+        if not finite:
             raise ValueError(f"{self._display}: weight must be a finite number, got {weight!r}")
         self.weight = float(weight)
         if not isinstance(a["batch_axis"], (numbers.Integral,)) or isinstance(a["batch_axis"], bool):
@@ -201,16 +209,18 @@ class Loss:
                              f"got {a['reduction']!r}")
         self.reduction = a["reduction"]
         self.variant = variant_key(self.options)
-        prefix = f"lcc_{self._meta['name']}__{self.variant}__"
-        self._kernels = {(mode, sfx): getattr(self._lib, f"{prefix}{mode}_{sfx}")
-                         for mode in ("v", "vg", "vgh") for sfx in ("f32", "f64")}
+        names = self._meta["kernels"][self.variant]["names"]  # "vg_float32" -> C function
+        self._kernels = {key: getattr(self._lib, cname) for key, cname in names.items()}
         self._inputs = self._meta["inputs"]
         self._diff = [i["name"] for i in self._inputs if i["differentiable"]]
 
     def _check_param(self, p, value):
         if not _is_real(value):
             raise TypeError(f"{self._display}: {p['name']} must be a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{self._display}: {p['name']} is beyond the range of double") from None
         why = bound_error(value, p["min"], p["max"], p["gt"], p["lt"])
         if why or not math.isfinite(value):
             raise ValueError(f"{self._display}: {p['name']} {why or f'must be finite, got {value!r}'}")
@@ -270,7 +280,7 @@ class Loss:
             raise TypeError(f"{self._display}: {exc} (call signature: {self._call_sig})") from None
         a = bound.arguments
         first = self._inputs[0]["name"]
-        pred = _as_array(a[first], first)
+        pred = _native(_as_array(a[first], first, self._display))
         if pred.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{self._display}: {first} must be float32 or float64, got {pred.dtype}; "
                             f"convert it with .astype(np.float32) or .astype(np.float64)")
@@ -349,19 +359,21 @@ class Loss:
 
     def _launch(self, mode, dtype, axis, nb, nf, arrays, vscale, gscale, vout, gouts, hout):
         ffi = self._ffi
-        ptype, sfx = _CTYPE[dtype]
+        ptype = _POINTER[dtype]
         args = [nb, nf]
         keep = []  # contiguous copies must outlive the call: the kernel gets raw addresses
         for _, arr, _ in arrays:
             args += _operand(ffi, ptype, arr, axis, keep)
         args += list(self.params.values())
         total = ffi.new("double *")
-        args += [vscale, gscale, vout.operand(ffi, ptype, 0)[0] if vout is not None else ffi.NULL, total]
+        args += [vscale, gscale]
+        args += vout.operand(ffi, ptype, 0)[:2] if vout is not None else [ffi.NULL, 0]
+        args.append(total)
         for g in gouts:
             args += g.operand(ffi, ptype, axis)
         if hout is not None:
             args += hout.operand(ffi, ptype, axis)
-        status = self._kernels[(mode, sfx)](*args)
+        status = self._kernels[f"{mode}_{dtype.name}"](*args)
         if status != 0:  # elementwise kernels have no failure mode today; keep the contract
             raise RuntimeError(f"{self._display}: kernel returned status {status}")
         for o in (vout, hout, *gouts):
@@ -377,15 +389,20 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
-def _as_array(x, name):
+def _as_array(x, name, who):
     try:
         return np.asarray(x)
     except Exception as exc:  # ragged lists and the like
-        raise TypeError(f"{name} cannot be read as an array: {exc}") from None
+        raise TypeError(f"{who}: {name} cannot be read as an array: {exc}") from None
 
 
-def _as_numeric(x, name, dtype, who=""):
-    arr = _as_array(x, name)
+def _native(arr):
+    """The array in the machine's byte order (a big-endian file read on x86 works too)."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+
+
+def _as_numeric(x, name, dtype, who):
+    arr = _as_array(x, name, who)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{who}: {name} must hold real numbers, got dtype {arr.dtype}")
     return arr.astype(dtype, copy=False)
@@ -403,7 +420,7 @@ def _collapse(arr, axis):
     """(stride over samples, stride over features) in elements, or None if the non-batch
     axes of `arr` cannot be walked with one stride."""
     item = arr.itemsize
-    if any(s % item for s in arr.strides):
+    if not arr.flags.aligned or any(s % item for s in arr.strides):
         return None
     strides = [s // item for s in arr.strides]
     sb = strides[axis] if arr.ndim else 0
@@ -420,12 +437,14 @@ def _operand(ffi, ptype, arr, axis, keep: list):
     """(pointer, stride over samples, stride over features) for a read-only operand; any
     copy made is appended to `keep`, which the caller holds until the kernel returns."""
     if arr.ndim == 0:
+        if not arr.flags.aligned:
+            arr = np.array(arr)
+            keep.append(arr)
         return [ffi.cast(ptype, arr.ctypes.data), 0, 0]
     st = _collapse(arr, axis)
-    if st is None:  # e.g. a broadcast that mixes zero and non-zero strides among features
-        arr = np.ascontiguousarray(np.moveaxis(arr, axis, 0))
+    if st is None:  # unaligned, or a broadcast mixing zero and non-zero feature strides
+        arr = np.array(np.moveaxis(arr, axis, 0), order="C")  # a fresh, aligned copy
         keep.append(arr)
-        axis = 0
         st = _collapse(arr, 0)
     return [ffi.cast(ptype, arr.ctypes.data), st[0], st[1]]
 
@@ -468,6 +487,8 @@ def _output(given, what, shape, dtype, arrays, who, axis) -> _Out:
                          f"got shape {given.shape} and dtype {given.dtype}")
     if not given.flags.writeable:
         raise ValueError(f"{who}: {what} is read-only")
+    if any(st == 0 and n > 1 for st, n in zip(given.strides, given.shape)):
+        raise ValueError(f"{who}: {what} has a zero stride: its elements overlap each other")
     for name, arr, _ in arrays:
         if np.may_share_memory(given, arr):
             raise ValueError(f"{who}: {what} overlaps the input '{name}'")

@@ -350,10 +350,11 @@ class _Validator:
             values = []
             for v in vals_node.value:
                 val = self.scalar(v, f"value of variant '{name}'")
-                if not isinstance(val, (bool, str)) or (isinstance(val, str) and not val.isidentifier()):
-                    self.fail(v, f"values of variant '{name}' must be true/false or names, got {val!r}")
-                if val in values:
-                    self.fail(v, f"value {val!r} repeated in variant '{name}'")
+                if not isinstance(val, (bool, str)) or (isinstance(val, str) and not (val.isascii() and val.isidentifier())):
+                    self.fail(v, f"values of variant '{name}' must be true/false or ASCII names, got {val!r}")
+                if val in values or str(val).lower() in (str(x).lower() for x in values):
+                    self.fail(v, f"value {val!r} repeated in variant '{name}' (values name kernels: "
+                                 "case does not count)")
                 values.append(val)
             if len({type(v) for v in values}) > 1:
                 self.fail(vals_node, f"values of variant '{name}' must be all booleans or all names")

@@ -68,10 +68,46 @@ def test_force_rebuilds(two_specs, tmp_path):
 def test_published_by_symlink_and_old_folders_removed(two_specs, tmp_path, monkeypatch):
     report, _ = _build(two_specs, tmp_path)
     assert report.path.is_symlink()
-    assert os.readlink(report.path) == f".losses-{report.cache_key[:16]}"
+    first = os.readlink(report.path)
+    assert first.startswith(f".losses-{report.cache_key[:16]}-")
     monkeypatch.setattr("losscc.build.STALE_SECONDS", -1)
-    report2, _ = _build(two_specs, tmp_path, force=True, name="losses")
-    assert [p.name for p in tmp_path.glob(".losses-*")] == [f".losses-{report2.cache_key[:16]}"]
+    (tmp_path / ".losses.tmp-killed").mkdir()          # left by a killed build
+    _build(two_specs, tmp_path, force=True)
+    second = os.readlink(report.path)
+    assert second != first                              # every build gets its own folder
+    _build(two_specs, tmp_path, force=True)
+    third = os.readlink(report.path)
+    # the published folder and the one before it stay (a process may be importing it)
+    assert sorted(p.name for p in tmp_path.glob(".losses*")) == sorted([second, third])
+
+
+def test_a_folder_that_is_not_a_build_is_never_replaced(two_specs, tmp_path):
+    (tmp_path / "losses").mkdir()
+    (tmp_path / "losses" / "notes.txt").write_text("precious")
+    with pytest.raises(BuildError, match="losses exists and is not a losscc build"):
+        _build(two_specs, tmp_path)
+    assert (tmp_path / "losses" / "notes.txt").read_text() == "precious"
+
+
+def test_reload_after_rebuild_runs_the_new_kernels(two_specs, tmp_path):
+    specs = tmp_path / "specs"
+    shutil.copytree(two_specs, specs)
+    report, _ = _build(specs, tmp_path / "out")
+    assert losscc.load(report.path).L2Loss()(np.array([2.0]), np.zeros(1))[0] == 2.0
+    text = (specs / "l2.yaml").read_text().replace("0.5 * (pred - label)**2", "3 * (pred - label)**2")
+    (specs / "l2.yaml").write_text(text)
+    report, _ = _build(specs, tmp_path / "out")
+    assert losscc.load(report.path).L2Loss()(np.array([2.0]), np.zeros(1))[0] == 12.0  # 3 * 2**2
+
+
+def test_compiler_flags_from_the_environment_are_part_of_the_key(two_specs, monkeypatch):
+    from losscc.build import cache_key
+    from losscc.spec import load_spec
+
+    specs = [load_spec(two_specs / "l2.yaml")]
+    plain = cache_key(specs)
+    monkeypatch.setenv("CFLAGS", "-ffast-math")
+    assert cache_key(specs) != plain
 
 
 def test_failed_compile_names_the_spec_and_keeps_the_previous_module(two_specs, tmp_path, monkeypatch):
@@ -144,5 +180,5 @@ def test_full_disk_is_a_clear_error(two_specs, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".losses.tmp-x"))
 
     monkeypatch.setattr(tempfile, "mkdtemp", no_space)
-    with pytest.raises(BuildError, match=r"cannot write the build under .*\.losses\.tmp-x: No space left on device"):
+    with pytest.raises(BuildError, match=r"cannot build under .*\.losses\.tmp-x: No space left on device"):
         _build(two_specs, tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sympy
 
-from losscc.codegen import DTYPES, LossCPrinter, generate, kernel_body
+from losscc.codegen import DTYPES, LossCPrinter, generate, kernel_body, shared_cse
 from losscc.derive import derive, tidy
 from losscc.errors import BuildError
 from losscc.functions import Sigmoid, Softplus, naive
@@ -119,8 +119,40 @@ def test_unprintable_loss_is_a_build_error_naming_the_spec():
 def test_cse_shares_work_between_value_gradient_and_hessian():
     sym = derive(load_spec(SPECS / "sigmoid_bce.yaml"))
     variant = next(v for v in sym.variants if v.key == "from_sigmoid_false")
-    body = kernel_body(LossCPrinter(F64), variant, "vgh")
+    shared = shared_cse(variant)
+    body = kernel_body(F64, shared, "vgh")
     text = "\n".join(rhs for _, rhs in body)
     # value, gradient and second derivative need sigmoid(+-x) and softplus(+-x): each once.
     assert text.count("lcc_sigmoid(") == 2 and text.count("lcc_softplus(") == 2
     assert [lhs for lhs, _ in body][-3:] == ["val", "g0", "h0"]
+    # every mode computes the value from the same statements: the same bits in every mode
+    value_only = kernel_body(F64, shared, "v")
+    assert value_only[-1] == body[-3] and set(value_only) <= set(body)
+    assert "lcc_sigmoid(" not in "\n".join(rhs for _, rhs in value_only)
+
+
+def test_sum_order_survives_cse_temporaries():
+    # -pred is shared with sigmoid(-pred), so cse names it t0; t0 reads an input, so
+    # 1 - pred + eps still prints as (1 + t0) + eps and eps survives at pred = 1 in float32.
+    from losscc.ir import SymbolicVariant
+
+    value = -sympy.log(1 - x + eps) * y + Sigmoid(-x)
+    grad = sympy.diff(value, x)
+    variant = SymbolicVariant("base", {}, value, (grad,), sympy.diff(grad, x))
+    body = dict(kernel_body(F32, shared_cse(variant), "vg"))
+    assert body["t0"] == "-x_pred"
+    assert "1 + t0 + p_epsilon" in body.values()
+
+
+@pytest.mark.parametrize("expr, message", [
+    (sympy.log(2) * x, None),                              # a literal, not the M_LN2 macro
+    (sympy.Float("1e39") * x, "overflows float32"),
+    (sympy.Float("1e-50") * x, "is 0 in float32"),
+])
+def test_constants_are_literals_checked_for_the_dtype(expr, message):
+    if message is None:
+        assert c(expr, F64) == "x_pred*0.6931471805599453"
+        assert c(expr, F32) == "x_pred*0.6931471805599453F"
+    else:
+        with pytest.raises(BuildError, match=message):
+            c(expr, F32)

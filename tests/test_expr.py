@@ -378,3 +378,14 @@ def test_parsing_never_calls_eval_or_exec(monkeypatch):
             assert parse_spec_math(spec, options, symbols).free_symbols <= set(symbols.values())
     with pytest.raises(SpecError, match="attribute access is not allowed"):
         parse("__import__('os').system('true')")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pred * exp(800)", "f.yaml:3:14: loss: constant exp(800) is beyond the range of double"),
+    ("pred * sqrt(-1)", "f.yaml:3:14: loss: constant I is not a real number"),
+    ("log(-2) + pred", "f.yaml:3:7: loss: constant log(2) + I*pi is not a real number"),
+    # Python only knows that the text ends too early: point at its last character
+    ("exp(pred) + label +", "f.yaml:3:25: loss: syntax error: invalid syntax"),
+])
+def test_constants_and_truncated_formulas(text, message):
+    assert error(text) == message

@@ -73,3 +73,26 @@ def test_optional_input_default_and_given(gap):
         gap(power=0.5)
     with pytest.raises(TypeError, match=r"grad_out must be a tuple of 2 arrays"):
         gap().grad(p, t, grad_out=np.empty(2))
+
+
+def test_spec_names_never_collide_with_generated_c_names(tmp_path):
+    # Inputs and params named like the kernel's own variables and arguments.
+    spec = """\
+name: clash
+summary: Names that a naive template would reuse.
+reference: a test spec
+inputs:
+  hout: {}
+  sw: {}
+  vout: {default: 1.0}
+  total: {default: 2.0}
+params:
+  b: {default: 1.0}
+  nf: {default: 3.0}
+loss: (hout - sw)**2 * vout + b * nf + total
+"""
+    (tmp_path / "clash.yaml").write_text(spec)
+    report = build([tmp_path / "clash.yaml"], out=tmp_path / "out", name="clash", log=lambda *a: None)
+    loss = losscc.load(report.path).clash()
+    v, g = loss.value_and_grad(np.array([3.0]), np.array([1.0]))
+    assert v[0] == 4.0 + 3.0 + 2.0 and g[0] == 4.0  # by hand: (3-1)^2 + 1*3 + 2, 2*(3-1)

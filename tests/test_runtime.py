@@ -290,3 +290,40 @@ def test_huber_matches_numpy_on_drawn_shapes_and_weights(losses, case):
     np.testing.assert_allclose(np.asarray(v, np.float64), want, rtol=tol, atol=tol)
     np.testing.assert_allclose(g.astype(np.float64), gwant, rtol=tol, atol=tol)
     assert g.shape == shape and g.dtype == dtype and np.asarray(v).dtype == dtype
+
+
+@pytest.mark.parametrize("make_out", [
+    lambda base: base[4:8][::-1],   # reversed view
+    lambda base: base[::3][:4],     # strided view
+])
+def test_strided_out_is_written_in_place_and_nowhere_else(losses, make_out):
+    base = np.full(12, -7.0)
+    out = make_out(base)
+    p = np.arange(4.0)
+    v = losses.L2Loss()(p, np.zeros(4), out=out)
+    assert v is out
+    np.testing.assert_array_equal(out, 0.5 * p**2)   # by hand: [0, 0.5, 2, 4.5]
+    assert np.count_nonzero(base == -7.0) == 12 - 4
+
+
+def test_zero_stride_out_is_refused(losses):
+    out = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(4,), strides=(0,), writeable=True)
+    with pytest.raises(ValueError, match="out has a zero stride"):
+        losses.L2Loss()(np.ones(4), np.zeros(4), out=out)
+
+
+def test_unaligned_and_big_endian_inputs(losses):
+    raw = np.zeros(8 * 5 + 1, np.uint8)
+    unaligned = raw[1:].view(np.float64)  # float64 data starting at an odd address
+    unaligned[:] = [1, 2, 3, 4, 5]
+    assert not unaligned.flags.aligned
+    np.testing.assert_array_equal(losses.L2Loss()(unaligned, np.zeros(5)), 0.5 * unaligned**2)
+    big = np.array([1.0, 2.0], dtype=">f8")
+    np.testing.assert_array_equal(losses.L2Loss()(big, np.zeros(2)), [0.5, 2.0])
+
+
+def test_huge_python_ints_are_value_errors(losses):
+    with pytest.raises(ValueError, match="rho is beyond the range of double"):
+        losses.HuberLoss(rho=10**400)
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        losses.L2Loss(weight=10**400)

@@ -264,7 +264,10 @@ RULES_HEAD = "name: demo\nsummary: A demo loss.\nreference: none\n"  # 3 lines
     ("inputs:\n  pred: {}\nvariants:\n  v: {values: [a, true], default: a}\nloss: pred\n",
      "7:15: values of variant 'v' must be all booleans or all names"),
     ("inputs:\n  pred: {}\nvariants:\n  v: {values: [a, a], default: a}\nloss: pred\n",
-     "7:19: value 'a' repeated in variant 'v'"),
+     "7:19: value 'a' repeated in variant 'v' (values name kernels: case does not count)"),
+    # kernel names lower-case the values, so values that differ only in case would collide
+    ("inputs:\n  pred: {}\nvariants:\n  v: {values: [Signed, signed], default: signed}\nloss: pred\n",
+     "7:24: value 'signed' repeated in variant 'v' (values name kernels: case does not count)"),
     ("inputs:\n  pred: {}\nvariants:\n  v: {values: [true, false], default: 'true'}\nloss: pred\n",
      "7:39: default 'true' of variant 'v' is not one of [True, False]"),
     ("inputs:\n  pred: {}\npositional: [weight, weight]\nloss: pred\n", "6:22: positional: 'weight' is listed twice"),
