@@ -163,8 +163,10 @@ def test_generated_files_carry_a_banner(built):
 
 def test_wheel_ships_the_templates(tmp_path):
     # A non-editable install must find templates/ inside the package (losscc/templates).
+    src = tmp_path / "src"  # a copy, so setuptools' own build/ stays out of the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns("build", ".git", "*.egg-info", "__pycache__"))
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                          "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+                          "-q", "-w", str(tmp_path), str(src)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     (wheel,) = tmp_path.glob("losscc-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
