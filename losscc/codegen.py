@@ -223,8 +223,11 @@ def generate(sym: SymbolicLoss) -> KernelSource:
                 try:
                     body = kernel_body(ctype, shared, mode)
                 except Exception as exc:  # the strict printer met a node it cannot print
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    if isinstance(exc, NotImplementedError):  # sympy: "Unsupported by <printer>: f"
+                        reason = f"no C translation for {reason.rsplit(': ', 1)[-1]}"
                     raise BuildError(f"{spec.loc}: {spec.name}: cannot generate C for variant "
-                                     f"'{variant.key}': {exc}") from None
+                                     f"'{variant.key}': {reason}") from None
                 kernels.append({
                     "cname": kernel_name(spec.name, variant.key, mode, ctype),
                     "mode": mode, "ctype": ctype, "variant": variant.key, "body": body,

@@ -20,7 +20,6 @@ import inspect
 import json
 import math
 import numbers
-import os
 import sys
 from pathlib import Path
 
@@ -427,7 +426,7 @@ def _collapse(arr, axis):
     rest = [(n, s) for i, (n, s) in enumerate(zip(arr.shape, strides)) if i != axis and n != 1]
     if not rest:
         return sb, 0
-    for (n0, s0), (n1, s1) in zip(rest, rest[1:]):
+    for (_, s0), (n1, s1) in zip(rest, rest[1:]):
         if s0 != s1 * n1:
             return None
     return sb, rest[-1][1]
