@@ -60,13 +60,12 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
     specs = [load_spec(f) for f in spec_files(paths)]
     _check_unique(specs)
     target = out / name
-    if target.exists() and not target.is_symlink() and _read_manifest(target) is None:
+    manifest = _read_manifest(target)
+    if manifest is None and target.exists() and not target.is_symlink():
         raise BuildError(f"{target} exists and is not a losscc build: choose another --out or "
                          "--name, or remove it")
     key = cache_key(specs)
     report = BuildReport(path=target, cache_key=key, status="up to date")
-
-    manifest = _read_manifest(target)
     if not force and manifest is not None and manifest.get("cache_key") == key \
             and (target / manifest.get("extension", "")).is_file():
         for s in specs:

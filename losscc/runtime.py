@@ -295,9 +295,10 @@ class Loss:
         nf = math.prod(shape) // nb if nb else math.prod(s for i, s in enumerate(shape) if i != axis)
 
         arrays = [(first, pred, shape)]
-        for inp in self._inputs[1:]:
-            arrays.append(self._input(inp, a.get(inp["name"]), dtype, shape))
-        arrays.append(self._weights(a.get("sample_weight"), dtype, shape))
+        for i, inp in enumerate(self._inputs[1:]):
+            arrays.append(self._input(inp["name"], a.get(inp["name"]), inp["default"], dtype, shape,
+                                      reshape_like_pred=(i == 0)))
+        arrays.append(self._input("sample_weight", a.get("sample_weight"), 1.0, dtype, shape))
 
         reduce_mean = self.reduction == "mean"
         vscale = self.weight / nf if nf else math.nan
@@ -338,23 +339,16 @@ class Loss:
             grads = grads[0] if len(grads) == 1 else grads
         return value, grads, (hout.arr if hout is not None else None)
 
-    def _input(self, inp, value, dtype, shape):
-        name = inp["name"]
+    def _input(self, name, value, default, dtype, shape, reshape_like_pred=False):
+        """(name, array broadcast to pred's shape, the shape the caller gave) for one input;
+        an absent optional input is its default as a 0-d array (stride 0 in the kernel)."""
         if value is None:
-            if inp["default"] is None:
-                raise TypeError(f"{self._display}: missing input '{name}'")
-            return name, np.full((), inp["default"], dtype), ()
+            return name, np.full((), default, dtype), ()
         arr = _as_numeric(value, name, dtype, self._display)
         orig = arr.shape
-        if arr.size == math.prod(shape) and arr.shape != shape and inp is self._inputs[1]:
+        if reshape_like_pred and arr.size == math.prod(shape) and arr.shape != shape:
             arr = arr.reshape(shape)  # Gluon reshapes the label like pred when the sizes match
         return name, _broadcast(self._display, name, arr, shape), orig
-
-    def _weights(self, sw, dtype, shape):
-        if sw is None:
-            return "sample_weight", np.ones((), dtype), ()
-        arr = _as_numeric(sw, "sample_weight", dtype, self._display)
-        return "sample_weight", _broadcast(self._display, "sample_weight", arr, shape), arr.shape
 
     def _launch(self, mode, dtype, axis, nb, nf, arrays, vscale, gscale, vout, gouts, hout):
         ffi = self._ffi
