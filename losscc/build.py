@@ -259,7 +259,7 @@ def _compiler_message(stderr: str, work: Path, name: str, exc) -> str:
     """The first compiler error, attributed to the spec whose kernels contain its line (in
     the file cffi compiled, which has cffi's own prelude in front of our source)."""
     first = next((ln for ln in stderr.splitlines() if "error" in ln), "") or str(exc)
-    culprit = "a generated kernel"
+    culprit = None
     m = re.search(r"_kernels\.c:(\d+):", first)
     compiled = work / "cffi" / name / "_kernels.c"
     if m and compiled.is_file():
@@ -269,4 +269,6 @@ def _compiler_message(stderr: str, work: Path, name: str, exc) -> str:
             if hit:
                 culprit = f"{hit.group(2)} ({hit.group(1)})"
                 break
+    if culprit is None:  # not about one loss: no compiler, a bad flag, a link error
+        return f"C compiler failed: {first.strip()}"
     return f"C compiler failed on the kernels of {culprit}: {first.strip()}"
