@@ -126,6 +126,10 @@ def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=Fals
     h = hashlib.sha256(f"{__version__}\0{compiler_hash()}\0{_version('sympy')}\0{templates_hash()}\0"
                        f"{spec.path}\0{spec.source_hash}".encode()).hexdigest()
     entry = cache / f"{spec.name}-{h[:24]}.json"
+    for stale in cache.glob(f"{spec.name}-*.json"):  # older derivations of this loss ('-' is
+        if stale != entry:                             # never in a loss name)
+            with contextlib.suppress(OSError):
+                stale.unlink()
     if not force and entry.is_file():
         try:
             data = json.loads(entry.read_text())

@@ -148,6 +148,8 @@ class _Parser:
         """Parse the text as written; a formula spread over several lines is parsed inside
         parentheses, as long as the text's own brackets balance."""
         text = self.formula.text
+        if "\x00" in text:
+            raise SpecError(self.formula.loc_of(text.index("\x00")), f"{self.what}: contains a NUL character")
         try:
             return ast.parse(text, mode="eval")
         except SyntaxError as exc:

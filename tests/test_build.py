@@ -184,3 +184,14 @@ def test_full_disk_is_a_clear_error(two_specs, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", no_space)
     with pytest.raises(BuildError, match=r"cannot build under .*\.losses\.tmp-x: No space left on device"):
         _build(two_specs, tmp_path)
+
+
+def test_derivation_cache_keeps_one_entry_per_loss(two_specs, tmp_path):
+    specs = tmp_path / "specs"
+    shutil.copytree(two_specs, specs)
+    _build(specs, tmp_path / "out")
+    for word in ("error!", "error?"):
+        text = (specs / "l2.yaml").read_text().replace("Half the squared error", f"Half the squared {word}")
+        (specs / "l2.yaml").write_text(text)
+        _build(specs, tmp_path / "out")
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "out" / ".cache").glob("*.json")) == ["l1", "l2"]

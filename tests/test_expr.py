@@ -386,6 +386,7 @@ def test_parsing_never_calls_eval_or_exec(monkeypatch):
     ("log(-2) + pred", "f.yaml:3:7: loss: constant log(2) + I*pi is not a real number"),
     # Python only knows that the text ends too early: point at its last character
     ("exp(pred) + label +", "f.yaml:3:25: loss: syntax error: invalid syntax"),
+    ("pred\x00 + 1", "f.yaml:3:11: loss: contains a NUL character"),
 ])
 def test_constants_and_truncated_formulas(text, message):
     assert error(text) == message
