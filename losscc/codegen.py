@@ -36,6 +36,11 @@ DTYPES = (CType("float", "f32", "f", "float32"), CType("double", "f64", "", "flo
 MODES = ("v", "vg", "vgh")
 
 
+def reads_input(expr, input_temps) -> bool:
+    """True if `expr` reads an input (x_*), directly or through a cse temporary that does."""
+    return any(s.name.startswith("x_") or s.name in input_temps for s in expr.free_symbols)
+
+
 class LossCPrinter(C99CodePrinter):
     """sympy's C99 printer, strict, with losscc's function table and numeric choices.
 
@@ -65,9 +70,6 @@ class LossCPrinter(C99CodePrinter):
                 raise BuildError(f"constant {expr} is not a real number")
             return self._literal(float(value))
         return super()._print(expr, **kwargs)
-
-    def reads_input(self, term) -> bool:
-        return any(s.name.startswith("x_") or s.name in self.input_temps for s in term.free_symbols)
 
     def helper(self, name: str, *args) -> str:
         return f"{name}{self.ctype.func_suffix}({', '.join(self._print(a) for a in args)})"
@@ -143,7 +145,7 @@ class LossCPrinter(C99CodePrinter):
         def rank(term):
             if term.is_Number:
                 return 0
-            return 1 if self.reads_input(term) else 2
+            return 1 if reads_input(term, self.input_temps) else 2
 
         terms = sorted(terms, key=rank)  # stable: sympy's order within each rank
         prec = precedence(expr)
@@ -195,7 +197,7 @@ def kernel_body(ctype: CType, cse_result, mode: str) -> tuple:
             needed |= e.free_symbols
     input_temps = set()
     for t, e in temps:
-        if any(s.name.startswith("x_") or s.name in input_temps for s in e.free_symbols):
+        if reads_input(e, input_temps):
             input_temps.add(t.name)
     printer = LossCPrinter(ctype, frozenset(input_temps))
     lines = [(t.name, printer.doprint(e)) for t, e in temps if t in needed]

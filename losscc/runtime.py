@@ -29,7 +29,6 @@ from .errors import LoadError
 from .ir import MANIFEST_FORMAT, bound_error, variant_key
 
 REDUCTIONS = ("none", "mean", "sum")
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _POINTER = {np.dtype(np.float32): "float *", np.dtype(np.float64): "double *"}
 
 
@@ -280,7 +279,7 @@ class Loss:
         a = bound.arguments
         first = self._inputs[0]["name"]
         pred = _native(_as_array(a[first], first, self._display))
-        if pred.dtype not in _FLOAT_DTYPES:
+        if pred.dtype not in _POINTER:  # the dtypes that have kernels
             raise TypeError(f"{self._display}: {first} must be float32 or float64, got {pred.dtype}; "
                             f"convert it with .astype(np.float32) or .astype(np.float64)")
         if pred.ndim == 0:
