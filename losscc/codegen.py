@@ -9,6 +9,7 @@ once per element.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import jinja2
@@ -19,7 +20,8 @@ from sympy.printing.precedence import precedence
 
 from . import __version__
 from .errors import BuildError
-from .functions import Sigmoid, Softplus
+from .functions import LogCosh, Sigmoid, Softplus
+from . import rows
 from .ir import KernelSource, SymbolicLoss
 from .resources import templates_dir
 
@@ -36,9 +38,14 @@ DTYPES = (CType("float", "f32", "f", "float32"), CType("double", "f64", "", "flo
 MODES = ("v", "vg", "vgh")
 
 
+_LARGE = re.compile(r"x_|xg\d|m\d")  # inputs, gathered elements, logsumexp max shifts
+
+
 def reads_input(expr, input_temps) -> bool:
-    """True if `expr` reads an input (x_*), directly or through a cse temporary that does."""
-    return any(s.name.startswith("x_") or s.name in input_temps for s in expr.free_symbols)
+    """True if `expr` reads an input (x_*, or in a row kernel an element gathered at a class,
+    xg*, or a row max shift, m*), directly or through a cse temporary that does. These are
+    the terms of the size of the data; the printer sums them first."""
+    return any(_LARGE.match(s.name) or s.name in input_temps for s in expr.free_symbols)
 
 
 class LossCPrinter(C99CodePrinter):
@@ -54,7 +61,7 @@ class LossCPrinter(C99CodePrinter):
       that eps survives at p = 1 in float32.
     """
 
-    HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus"}
+    HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", LogCosh: "lcc_logcosh"}
 
     def __init__(self, ctype: CType, input_temps=frozenset()):
         alias = float32 if ctype.name == "float" else float64
@@ -139,15 +146,30 @@ class LossCPrinter(C99CodePrinter):
             return f"{self._literal(1.0)}/sqrt{self.ctype.func_suffix}({self._print(base)})"
         return f"pow{self.ctype.func_suffix}({self._print(base)}, {self._print(exp)})"
 
-    def _print_Add(self, expr, order=None):
-        terms = self._as_ordered_terms(expr, order=order)
-
+    def _terms(self, expr, order=None) -> list:
+        """The terms of a sum in the order they are added: literals, then the terms that
+        read inputs, then the rest (sympy's order within each group)."""
         def rank(term):
             if term.is_Number:
                 return 0
             return 1 if reads_input(term, self.input_temps) else 2
 
-        terms = sorted(terms, key=rank)  # stable: sympy's order within each rank
+        return sorted(self._as_ordered_terms(expr, order=order), key=rank)
+
+    def _print_exp(self, expr):
+        """exp(a + b [+ c]) of two or more terms that read inputs (x_j - max in a softmax)
+        sums its argument exactly first (lcc_exp_sum2/3 in prelude.h.j2): exp amplifies the
+        rounding of a - b by |a - b|, some 600 ulps at a difference of 600."""
+        arg = expr.args[0]
+        if arg.is_Add:
+            terms = self._terms(arg)
+            if sum(1 for t in terms if not t.is_Number and reads_input(t, self.input_temps)) >= 2:
+                parts = terms[:2] + ([sympy.Add(*terms[2:])] if len(terms) > 2 else [])
+                return self.helper(f"lcc_exp_sum{len(parts)}", *parts)
+        return f"exp{self.ctype.func_suffix}({self._print(arg)})"
+
+    def _print_Add(self, expr, order=None):
+        terms = self._terms(expr, order)
         prec = precedence(expr)
         out = ""
         for term in terms:
@@ -217,6 +239,8 @@ def generate(sym: SymbolicLoss) -> KernelSource:
     """The C source, cffi declarations and runtime description of one loss."""
     spec = sym.spec
     env = template_env()
+    if spec.is_row:
+        return _generate_rows(sym, env)
     kernels = []
     for variant in sym.variants:
         shared = shared_cse(variant)
@@ -246,6 +270,128 @@ def generate(sym: SymbolicLoss) -> KernelSource:
     return KernelSource(name=spec.name, c_source=c_source, cdef=cdef, meta=runtime_meta(sym))
 
 
+# --------------------------------------------------------------------------- row kernels
+
+ROW_MODES = ("v", "vg")
+
+
+def _generate_rows(sym: SymbolicLoss, env) -> KernelSource:
+    spec = sym.spec
+    kernels = []
+    for variant in sym.variants:
+        for ctype in DTYPES:
+            for mode in ROW_MODES:
+                try:
+                    k = row_kernel(spec, variant, ctype, mode)
+                except Exception as exc:
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    if isinstance(exc, NotImplementedError):
+                        reason = f"no C translation for {reason.rsplit(': ', 1)[-1]}"
+                    raise BuildError(f"{spec.loc}: {spec.name}: cannot generate C for variant "
+                                     f"'{variant.key}': {reason}") from None
+                k["cname"] = kernel_name(spec.name, variant.key, mode, ctype)
+                kernels.append(k)
+    ctx = {"spec": spec, "diffs": [i.name for i in spec.differentiable],
+           "params": [p.name for p in spec.params], "kernels": kernels}
+    return KernelSource(name=spec.name, c_source=env.get_template("rows.c.j2").render(**ctx),
+                        cdef=env.get_template("rows.cdef.j2").render(**ctx), meta=runtime_meta(sym))
+
+
+def row_kernel(spec, variant, ctype: CType, mode: str) -> dict:
+    """The template's view of one row kernel: the reads, passes and statements per row."""
+    prog = variant.program
+    grad = mode == "vg"
+    diffs = [i.name for i in spec.differentiable]
+    outputs = [variant.value] + ([prog.grads[n] for n in diffs] if grad else [])
+    steps = rows.plan(prog, outputs)
+    elements = prog.elements
+    T = ctype.name
+
+    def gathers(scalars):
+        return [{"name": g.sym.name, "source": g.source, "index": g.index.name} for g in scalars]
+
+    passes = []
+    for p, pass_steps in enumerate(steps.passes, 1):
+        exprs, inits, updates, finals = [], [], [], []
+        for st in pass_steps:
+            s = st.scalar
+            n = s.n
+            if st.role == "lse_tail":
+                exprs.append(sympy.exp(s.arg - s.shift))
+            else:
+                exprs.append(s.arg)
+            e = f"e{n}" if st.role != "lse_tail" else f"z{n}"
+            if st.role == "sum" or st.role == "lse_tail":
+                inits.append(f"double acc{n} = 0.0;")
+            if st.role == "sum":
+                updates.append(f"acc{n} += (double){e};")
+                finals.append(f"const {T} r{n} = ({T})acc{n};")
+            elif st.role in ("max", "min", "lse_max"):
+                var = f"mx{n}" if st.role == "lse_max" else f"r{n}"
+                inits.append(f"{T} {var} = {'' if st.role == 'min' else '-'}INFINITY;")
+                inits.append(f"int64_t jm{n} = 0;")
+                cmp = ">=" if st.role == "min" else "<="
+                updates.append(f"if ({var} == {var} && !({e} {cmp} {var})) {{ {var} = {e}; jm{n} = j; }}")
+                if st.role == "lse_max":
+                    finals.append(f"const {T} m{n} = isinf({var}) ? ({T})0 : {var};")
+                    finals.append(f"const int fin{n} = isfinite({var});")
+            else:  # lse_tail: every class but the argmax, unless the max was not finite
+                updates.append(f"if (!fin{n} || j != jm{n}) acc{n} += (double){e};")
+                finals.append(f"const {T} r{n} = ({T})(fin{n} ? log1p(acc{n}) : log(acc{n}));")
+        names = [f"e{st.scalar.n}" if st.role != "lse_tail" else f"z{st.scalar.n}" for st in pass_steps]
+        temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
+        body = _print_block(ctype, temps, list(zip(names, reduced)))
+        passes.append({
+            "inits": inits, "updates": updates, "finals": finals,
+            "reads": _reads(exprs, elements), "temps": body,
+            "gathers": gathers(steps.after[p - 1]),
+        })
+    # The max shifts stay out of every temporary: the printer must see m - x[label] + r
+    # whole to subtract the two large terms first (a temporary m + r would round r away).
+    shifts = [s.shift for s in prog.scalars if s.shift is not None]
+    temps, reduced = sympy.cse(outputs, symbols=sympy.numbered_symbols("u"), optimizations="basic",
+                               ignore=shifts)
+    per_class = set(elements) | {rows.J}
+    row_temps, class_temps = [], []
+    for t, e in temps:  # a temporary that reads an element (or j) is computed per class
+        if e.free_symbols & per_class:
+            per_class.add(t)
+            class_temps.append((t, e))
+        else:
+            row_temps.append((t, e))
+    row_lines = _print_block(ctype, row_temps, [("val", reduced[0])])
+    k = {
+        "mode": mode, "ctype": ctype, "grad": grad, "variant": variant.key,
+        "inputs": [{"name": i.name, "kind": variant.kinds[i.name], "ignore": i.ignore}
+                   for i in spec.inputs],
+        "pre": gathers(steps.pre), "passes": passes,
+        "row_temps": row_lines[:-1], "val": row_lines[-1][1],
+    }
+    if grad:
+        lines = _print_block(ctype, class_temps, list(zip(diffs, reduced[1:])), known=row_temps)
+        k["grad_temps"] = lines[:len(lines) - len(diffs)]
+        k["grads"] = lines[len(lines) - len(diffs):]
+        k["grad_reads"] = _reads([e for _, e in class_temps] + reduced[1:], elements)
+    return k
+
+
+def _reads(exprs, elements) -> list:
+    """The row inputs whose element is read by `exprs`, in a stable order."""
+    used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+    return [name for x, name in elements.items() if x in used]
+
+
+def _print_block(ctype, temps, outputs, known=()) -> list:
+    """(name, C expression) lines for cse temporaries and named outputs."""
+    input_temps = set()
+    for t, e in [*known, *temps]:
+        if reads_input(e, input_temps):
+            input_temps.add(t.name)
+    printer = LossCPrinter(ctype, frozenset(input_temps))
+    return [(t.name, printer.doprint(e)) for t, e in temps] + \
+        [(n, printer.doprint(e)) for n, e in outputs]
+
+
 def kernel_name(loss: str, variant: str, mode: str, ctype: CType) -> str:
     return f"lcc_{loss}__{variant}__{mode}_{ctype.suffix}"
 
@@ -253,10 +399,12 @@ def kernel_name(loss: str, variant: str, mode: str, ctype: CType) -> str:
 def runtime_meta(sym: SymbolicLoss) -> dict:
     """What the runtime needs to know about a loss: JSON-able, no sympy."""
     spec = sym.spec
+    modes = ROW_MODES if spec.is_row else MODES
     return {
         "name": spec.name,
         "aliases": list(spec.aliases),
-        "shape": "elementwise",
+        "shape": "rows" if spec.is_row else "elementwise",
+        "axis": spec.axis if spec.is_row else None,
         "spec": spec.path,
         "summary": spec.summary,
         "reference": spec.reference,
@@ -264,14 +412,15 @@ def runtime_meta(sym: SymbolicLoss) -> dict:
         "formula": spec.loss.text.strip(),
         "positional": list(spec.positional),
         "inputs": [{"name": i.name, "differentiable": i.differentiable, "default": i.default,
-                    "doc": i.doc} for i in spec.inputs],
+                    "optional_grad": i.optional_grad, "row": i.row, "index_into": i.index_into,
+                    "ignore": i.ignore, "doc": i.doc} for i in spec.inputs],
         "params": [{"name": p.name, "default": p.default, "min": p.min, "max": p.max, "gt": p.gt,
                     "lt": p.lt, "doc": p.doc} for p in spec.params],
         "variants": [{"name": v.name, "values": list(v.values), "default": v.default, "doc": v.doc}
                      for v in spec.variants],
-        "kernels": {v.key: {"options": v.options, "notes": list(v.notes),
+        "kernels": {v.key: {"options": v.options, "notes": list(v.notes), "kinds": v.kinds,
                             "names": {f"{mode}_{c.numpy}": kernel_name(spec.name, v.key, mode, c)
-                                      for mode in MODES for c in DTYPES},
+                                      for mode in modes for c in DTYPES},
                             "gradient": [str(g) for g in v.grads], "hessian": str(v.hess)}
                     for v in sym.variants},
         "examples": [{"inputs": e.inputs, "options": e.options, "loss": e.loss, "grad": e.grad,

@@ -16,6 +16,8 @@ import sympy
 from .errors import SpecError
 from .expr import parse_spec_math, symbols_for
 from .ir import LossSpec, SymbolicLoss, SymbolicVariant, variant_key
+from .rows import NCLASS, ROW_RULES, derive_row
+from .stabilize import stabilize
 
 
 def derive(spec: LossSpec) -> SymbolicLoss:
@@ -23,23 +25,63 @@ def derive(spec: LossSpec) -> SymbolicLoss:
     pred = symbols[spec.pred.name]
     variants = []
     for options in spec.variant_combos():
+        if spec.is_row:
+            variants.append(_derive_row(spec, options, symbols))
+            continue
         value = parse_spec_math(spec, options, symbols)
         _check_free_symbols(spec, value, symbols)
-        grads = tuple(tidy(sympy.diff(value, symbols[i.name])) for i in spec.differentiable)
+        # Stable nodes before differentiating, so the derivatives are stable nodes too
+        # (softplus' is sigmoid); the precision rules again on what tidy made of them.
+        value, fired = stabilize(value)
+        fired = list(fired)
+        grads = tuple(_tidied(sympy.diff(value, symbols[i.name]), fired) for i in spec.differentiable)
         raw_hess = sympy.diff(grads[0], pred)
         notes = []
         if raw_hess.has(sympy.DiracDelta):
             notes.append("the second derivative has a point mass at a kink; it is emitted as its "
                          "value away from the kink")
-        hess = tidy(raw_hess)
+        hess = _tidied(raw_hess, fired)
         if hess == 0:
             notes.append("the second derivative is 0 almost everywhere: gradient boosting cannot "
                          "split on this loss")
         variants.append(SymbolicVariant(
-            key=variant_key(options), options=dict(options), value=tidy(value), grads=grads,
-            hess=hess, notes=tuple(notes),
+            key=variant_key(options), options=dict(options), value=_tidied(value, fired), grads=grads,
+            hess=hess, notes=tuple(notes), rewrites=tuple(dict.fromkeys(fired)),
         ))
     return SymbolicLoss(spec=spec, symbols=symbols, variants=tuple(variants))
+
+
+def _derive_row(spec, options, symbols) -> SymbolicVariant:
+    """A row loss: lowered to row scalars, with losscc's chain rule over them (rows.py)."""
+    loss, row = parse_spec_math(spec, options, symbols)
+    _check_free_symbols(spec, loss, {*symbols.values(), NCLASS, *row.gathers,
+                                     *(i for i, _ in row.indices.values())})
+    kinds = {i.name: "row" if i.name in row.rows else "index" if i.name in row.used_as_index
+             else "scalar" for i in spec.inputs}
+    wrt = [i.name for i in spec.differentiable]
+    for name in wrt:
+        if kinds[name] != "row":
+            raise SpecError(spec.loc, f"input '{name}' is differentiable but holds class indices in "
+                                      f"variant {variant_key(options)}")
+    elements = {symbols[n]: n for n in row.rows}
+    # The row rules (log(sum(exp(e))) -> logsumexp(e), ...) join the stable-node phase.
+    loss, fired = stabilize(loss, extra={"to-stable-nodes": ROW_RULES})
+    fired = list(fired)
+    prog = derive_row(loss, elements, row.gathers, wrt)
+    prog.value = _tidied(prog.value, fired)
+    prog.adjoints = {n: _tidied(a, fired) for n, a in prog.adjoints.items()}
+    prog.grads = {n: _tidied(g, fired) for n, g in prog.grads.items()}
+    return SymbolicVariant(key=variant_key(options), options=dict(options), value=prog.value,
+                           grads=tuple(prog.grads[n] for n in wrt), hess=None, program=prog,
+                           kinds=kinds, rewrites=tuple(dict.fromkeys(fired)))
+
+
+def _tidied(expr, fired: list):
+    """tidy, then the precision rewrites again (sigmoid(x) - 1 turns up in derivatives);
+    what fires is appended to `fired`."""
+    expr, more = stabilize(tidy(expr), phases=("precision",))
+    fired.extend(more)
+    return expr
 
 
 def tidy(expr):
@@ -60,7 +102,7 @@ def tidy(expr):
 
 
 def _check_free_symbols(spec, value, symbols):
-    known = set(symbols.values())
+    known = set(symbols.values()) if isinstance(symbols, dict) else set(symbols)
     stray = value.free_symbols - known
     if stray:  # cannot happen through the parser; a guard for future stages
         raise SpecError(spec.loss.loc, f"loss uses unknown symbols {sorted(map(str, stray))}")

@@ -15,8 +15,9 @@ import sympy
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .errors import SpecError
-from .functions import Sigmoid, Softplus
+from .functions import LogCosh, Sigmoid, Softplus
 from .ir import Formula, Loc
+from .rows import NCLASS, LogSumExp, RowMax, RowMin, RowSum, outside_reductions, replace_outside
 
 MAX_NODES = 5000  # ast nodes in one formula
 MAX_DEPTH = 100  # nesting depth
@@ -62,11 +63,24 @@ FUNCTIONS = {
     "sigmoid": (Sigmoid, 1),
     "softplus": (Softplus, 1),
     "log_sigmoid": (lambda x: -Softplus(-x), 1),  # log sigmoid(x) = -softplus(-x)
+    "log_cosh": (LogCosh, 1),
     "relu": (_relu, 1),
     "square": (lambda x: x**2, 1),
     "clip": (_clip, 3),
     "where": (_where, 3),
     "Piecewise": (_piecewise_placeholder, (1, None)),
+}
+# Row losses only: reductions over the class axis, and what is built from them.
+ROW_FUNCTIONS = {
+    "sum": (RowSum, 1),
+    "mean": (lambda e: RowSum(e) / NCLASS, 1),
+    "max": (RowMax, 1),  # max(e) reduces the row; max(a, b) is elementwise
+    "min": (RowMin, 1),
+    "logsumexp": (LogSumExp, 1),
+    "softmax": (lambda e: sympy.exp(e - LogSumExp(e)), 1),
+    "log_softmax": (lambda e: e - LogSumExp(e), 1),
+    "dot": (lambda a, b: RowSum(a * b), 2),
+    "norm": (lambda e: sympy.sqrt(RowSum(e**2)), 1),
 }
 CONSTANTS = {"pi": sympy.pi, "E": sympy.E}
 
@@ -84,7 +98,7 @@ _COMPARE = {
 _DESCRIBE = {
     ast.Attribute: "attribute access", ast.Lambda: "a lambda", ast.ListComp: "a comprehension",
     ast.SetComp: "a comprehension", ast.DictComp: "a comprehension",
-    ast.GeneratorExp: "a generator", ast.JoinedStr: "an f-string", ast.Subscript: "indexing",
+    ast.GeneratorExp: "a generator", ast.JoinedStr: "an f-string",
     ast.Starred: "a starred argument", ast.NamedExpr: "an assignment expression",
     ast.Await: "await", ast.Yield: "yield", ast.List: "a list", ast.Dict: "a dict", ast.Set: "a set",
 }
@@ -106,12 +120,24 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class RowScope:
+    """Row losses: which inputs are rows and class indices, and the gathers made so far."""
+
+    rows: dict  # row input name -> its element symbol
+    indices: dict  # class-index input name -> (its index symbol, its spec position)
+    positions: dict  # row input name -> its spec position (names gather symbols)
+    gathers: dict  # gather symbol -> (row input name, index symbol); filled while parsing
+    used_as_index: set  # index inputs the formula indexes with
+
+
+@dataclass(frozen=True)
 class Scope:
     """What names mean inside one formula."""
 
     symbols: dict  # input or param name -> sympy Symbol
     variants: dict  # variant name -> Variant
     lets: dict  # let name -> sympy expression
+    row: RowScope | None = None
 
 
 class _Parser:
@@ -318,16 +344,46 @@ class _Parser:
         return _where(self.condition(node.test, depth), self.value(node.body, depth),
                       self.value(node.orelse, depth))
 
+    def visit_Subscript(self, node, depth):
+        """x[label]: a row expression read at the class in `label` (a gather)."""
+        row = self.scope.row
+        if row is None:
+            self.fail(node, "indexing (x[label]) is for row losses (an input with row: true)")
+        index = node.slice
+        if not (isinstance(index, ast.Name) and index.id in row.indices):
+            known = ", ".join(sorted(row.indices)) or "none: declare one with index_into"
+            self.fail(index, f"the index must be a class-index input (known: {known})")
+        target = self.value(node.value, depth)
+        isym, _ = row.indices[index.id]
+        mapping = {}
+        present = outside_reductions(target)
+        for name, x in row.rows.items():
+            if x not in present:
+                continue
+            g = sympy.Symbol(f"xg{row.positions[name]}_{row.indices[index.id][1]}", real=True)
+            row.gathers[g] = (name, isym)
+            mapping[x] = g
+        if not mapping:
+            self.fail(node, "only a row (an expression of row inputs) can be indexed by class")
+        return replace_outside(target, mapping)
+
     def visit_Call(self, node, depth):
         if not isinstance(node.func, ast.Name):
             self.visit(node.func, depth)  # says what it is: a lambda, an attribute, ...
             self.fail(node, "only named functions can be called, e.g. exp(x)")
         name = node.func.id
-        if name not in FUNCTIONS:
-            self.fail(node.func, f"unknown function '{name}' (known: {', '.join(sorted(FUNCTIONS))})")
+        row_call = name in ROW_FUNCTIONS and (name not in FUNCTIONS or len(node.args) == 1)
+        if row_call and self.scope.row is None:
+            if name not in FUNCTIONS:
+                self.fail(node.func, f"{name}() reduces over the class axis: it is for row losses "
+                                     "(an input with row: true)")
+            row_call = False
+        if name not in FUNCTIONS and not row_call:
+            known = sorted({*FUNCTIONS, *(ROW_FUNCTIONS if self.scope.row else ())})
+            self.fail(node.func, f"unknown function '{name}' (known: {', '.join(known)})")
         if node.keywords:
             self.fail(node, f"{name}() takes no keyword arguments")
-        builder, arity = FUNCTIONS[name]
+        builder, arity = (ROW_FUNCTIONS if row_call else FUNCTIONS)[name]
         n = len(node.args)
         lo, hi = (arity, arity) if isinstance(arity, int) else arity
         if n < lo or (hi is not None and n > hi):
@@ -380,11 +436,11 @@ def parse_formula(formula: Formula, scope: Scope, what: str = "loss"):
 def symbols_for(spec) -> dict:
     """The sympy Symbol of every input and param, named as it is spelled in C (x_*, p_*)."""
     for item in (*spec.inputs, *spec.params, *spec.variants):
-        if item.name in FUNCTIONS or item.name in CONSTANTS:
-            kind = "function" if item.name in FUNCTIONS else "constant"
+        if item.name in FUNCTIONS or item.name in ROW_FUNCTIONS or item.name in CONSTANTS:
+            kind = "constant" if item.name in CONSTANTS else "function"
             raise SpecError(item.loc, f"'{item.name}' is the name of a built-in {kind}; rename it")
     for lname, formula in spec.let:
-        if lname in FUNCTIONS or lname in CONSTANTS:
+        if lname in FUNCTIONS or lname in ROW_FUNCTIONS or lname in CONSTANTS:
             raise SpecError(formula.loc, f"let '{lname}' is the name of a built-in; rename it")
     out = {}
     for inp in spec.inputs:
@@ -398,9 +454,50 @@ def symbols_for(spec) -> dict:
 
 
 def parse_spec_math(spec, options: dict, symbols: dict):
-    """The loss of `spec` for one variant combination, with its `let` definitions substituted."""
+    """The loss of `spec` for one variant combination, with its `let` definitions substituted.
+    Row losses return (loss, RowScope): the scope says which inputs ended up rows, class
+    indices, and which gathers the formula made."""
     variants = {v.name: Variant(v.name, options[v.name], v.values) for v in spec.variants}
+    row = None
+    if spec.is_row:
+        pos = {i.name: n for n, i in enumerate(spec.inputs)}
+        row = RowScope(
+            rows={i.name: symbols[i.name] for i in spec.inputs if i.row or i.index_into},
+            indices={i.name: (index_symbol(i.name), pos[i.name]) for i in spec.inputs if i.index_into},
+            positions=pos, gathers={}, used_as_index=set())
     lets: dict = {}
     for name, formula in spec.let:
-        lets[name] = parse_formula(formula, Scope(symbols, variants, dict(lets)), f"let '{name}'")
-    return parse_formula(spec.loss, Scope(symbols, variants, lets), "loss")
+        lets[name] = parse_formula(formula, Scope(symbols, variants, dict(lets), row), f"let '{name}'")
+    loss = parse_formula(spec.loss, Scope(symbols, variants, lets, row), "loss")
+    if row is None:
+        return loss
+    _check_row_loss(spec, loss, symbols, row)
+    return loss, row
+
+
+def index_symbol(name: str):
+    """The C variable holding a class index (int64)."""
+    return sympy.Symbol("i_" + name, integer=True)
+
+
+def _check_row_loss(spec, loss, symbols, row: RowScope):
+    """The loss must be one number per row: row inputs only inside reductions or gathers, and
+    a class-index input used as an index only. (Only gathers that survive count: a branch
+    that a variant test removed may index with an input that is a row in this variant.)"""
+    used = {g: v for g, v in row.gathers.items() if g in loss.free_symbols}
+    row.gathers.clear()
+    row.gathers.update(used)
+    row.used_as_index.update(n for n, (isym, _) in row.indices.items()
+                             if any(i == isym for _, i in used.values()))
+    for inp in spec.inputs:
+        x = symbols[inp.name]
+        if inp.name in row.used_as_index:
+            del row.rows[inp.name]  # a class index in this variant, not a row
+            if x in loss.free_symbols:
+                raise SpecError(spec.loss.loc, f"loss: '{inp.name}' holds class indices here (it "
+                                               f"indexes a row); it cannot also be used as a number")
+    loose = outside_reductions(loss) & set(row.rows.values())
+    if loose:
+        name = next(n for n, x in row.rows.items() if x in loose)
+        raise SpecError(spec.loss.loc, f"loss: '{name}' is a vector along the class axis here: reduce "
+                                       f"it (sum, mean, max, logsumexp) or pick a class ({name}[label])")

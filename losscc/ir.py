@@ -37,6 +37,14 @@ class InputSpec:
     # An optional call-time array (Gluon's pos_weight); absent means this constant.
     default: float | None = None
     doc: str = ""
+    # Row losses: a vector along the class axis (like the prediction).
+    row: bool = False
+    # Row losses: holds integer classes into this row input where the formula indexes with
+    # it (pred[label]); where it does not (a variant with dense labels) it is a row input.
+    index_into: str | None = None
+    ignore: str | None = None  # a param: rows whose class equals it give 0 loss, 0 gradient
+    # Differentiable but computed only when asked for (value_and_grad(..., wrt=...)).
+    optional_grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,7 @@ class ExampleSpec:
     inputs: dict  # input name -> float
     options: dict  # param or variant name -> value
     loss: float
-    grad: float | None = None  # d loss / d pred, elementwise
+    grad: float | tuple | None = None  # d loss / d pred: a number, or a row for row losses
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,12 @@ class LossSpec:
     # Constructor arguments accepted by position, in order; the others are keyword-only.
     positional: tuple = ()
     alias_locs: tuple = ()  # of Loc, one per alias
+    # Row losses: the default class axis (an int, or None: every non-batch axis is the row).
+    axis: int | None = -1
+
+    @property
+    def is_row(self) -> bool:
+        return any(i.row or i.index_into for i in self.inputs)
 
     @property
     def pred(self) -> InputSpec:
@@ -158,8 +172,14 @@ class SymbolicVariant:
     options: dict  # variant name -> value
     value: Any  # the elementwise loss
     grads: tuple  # d value / d input, one per differentiable input
-    hess: Any  # d^2 value / d pred^2
+    hess: Any  # d^2 value / d pred^2 (None for row losses)
     notes: tuple = ()  # facts worth telling the user (a second derivative 0 almost everywhere)
+    # What stabilize rewrote in the value and derivatives: (rule name, before, after) texts.
+    rewrites: tuple = ()
+    # Row losses: the lowered program (rows.RowProgram) and each input's kind in this
+    # variant: 'row' (a vector along the class axis), 'index' (a class) or 'scalar' (per row).
+    program: Any = None
+    kinds: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ def templates_hash() -> str:
 
 
 # The modules whose code decides what a build produces (the runtime and CLI do not).
-_COMPILER_MODULES = ("ir.py", "spec.py", "expr.py", "functions.py", "derive.py", "codegen.py",
-                     "build.py", "resources.py", "errors.py")
+_COMPILER_MODULES = ("ir.py", "spec.py", "expr.py", "functions.py", "stabilize.py", "rows.py",
+                     "derive.py", "codegen.py", "build.py", "resources.py", "errors.py")
 
 
 def compiler_hash() -> str:

@@ -107,6 +107,8 @@ def make_loss_class(meta: dict, lib, ffi) -> type:
     defaults = {p["name"]: p["default"] for p in meta["params"]}
     defaults.update({v["name"]: v["default"] for v in meta["variants"]})
     defaults.update(weight=1.0, batch_axis=0)
+    if meta["shape"] == "rows":
+        defaults["axis"] = meta["axis"]
     # Positional order is the spec's (Gluon's order differs per loss); the rest keyword-only.
     positional = meta["positional"]
     ctor = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[n])
@@ -136,7 +138,11 @@ def _docstring(meta: dict) -> str:
     lines = [meta["summary"], ""]
     if meta["doc"]:
         lines += [meta["doc"], ""]
-    lines += ["Elementwise loss (spec " + meta["spec"] + "):", ""]
+    if meta["shape"] == "rows":
+        axis = "every non-batch axis" if meta["axis"] is None else f"axis={meta['axis']}"
+        lines += [f"Row loss over the class axis ({axis} by default; spec {meta['spec']}):", ""]
+    else:
+        lines += ["Elementwise loss (spec " + meta["spec"] + "):", ""]
     lines += ["    " + ln for ln in meta["formula"].splitlines()] + [""]
     lines.append("Call: loss(" + ", ".join(
         [i["name"] for i in meta["inputs"] if i["default"] is None] + ["sample_weight=None"]
@@ -144,6 +150,9 @@ def _docstring(meta: dict) -> str:
     lines.append("Inputs:")
     for i in meta["inputs"]:
         extra = " (differentiable)" if i["differentiable"] else ""
+        extra = " (differentiable, opt-in: wrt=...)" if i.get("optional_grad") else extra
+        extra += " (a row along the class axis)" if i.get("row") else ""
+        extra += " (class indices)" if i.get("index_into") else ""
         extra += f" (optional, default {i['default']:g})" if i["default"] is not None else ""
         lines.append(f"    {i['name']}{extra}" + (f": {i['doc']}" if i["doc"] else ""))
     if meta["params"]:
@@ -157,7 +166,8 @@ def _docstring(meta: dict) -> str:
         for v in meta["variants"]:
             lines.append(f"    {v['name']} in {v['values']}, default {v['default']!r}"
                          + (f": {v['doc']}" if v["doc"] else ""))
-    lines.append("Common: weight=1.0, batch_axis=0, reduction='none' | 'mean' | 'sum'.")
+    common = "axis, weight=1.0" if meta["shape"] == "rows" else "weight=1.0"
+    lines.append(f"Common: {common}, batch_axis=0, reduction='none' | 'mean' | 'sum'.")
     notes = sorted({n for k in meta["kernels"].values() for n in k["notes"]})
     if notes:
         lines.append("Notes: " + "; ".join(notes) + ".")
@@ -207,10 +217,19 @@ class Loss:
                              f"got {a['reduction']!r}")
         self.reduction = a["reduction"]
         self.variant = variant_key(self.options)
-        names = self._meta["kernels"][self.variant]["names"]  # "vg_float32" -> C function
-        self._kernels = {key: getattr(self._lib, cname) for key, cname in names.items()}
+        kernels = self._meta["kernels"][self.variant]
+        self._kernels = {key: getattr(self._lib, cname) for key, cname in kernels["names"].items()}
         self._inputs = self._meta["inputs"]
         self._diff = [i["name"] for i in self._inputs if i["differentiable"]]
+        self._wrt = tuple(i["name"] for i in self._inputs if i["differentiable"] and not i.get("optional_grad"))
+        self._rows = self._meta["shape"] == "rows"
+        if self._rows:
+            self._kinds = kernels["kinds"]
+            axis = a["axis"]
+            if axis is not None and (not isinstance(axis, numbers.Integral) or isinstance(axis, bool)):
+                raise TypeError(f"{self._display}: axis must be an int or None (every non-batch axis), "
+                                f"got {axis!r}")
+            self.axis = None if axis is None else int(axis)
 
     def _check_param(self, p, value):
         if not _is_real(value):
@@ -244,6 +263,8 @@ class Loss:
             opts["batch_axis"] = self.batch_axis
         if self.reduction != "none":
             opts["reduction"] = self.reduction
+        if self._rows and self.axis != self._meta["axis"]:
+            opts["axis"] = self.axis
         return f"{self._display}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
 
     # -- public API ------------------------------------------------------------
@@ -253,30 +274,50 @@ class Loss:
         value, _, _ = self._run("v", args, kwargs, out=out)
         return value
 
-    def grad(self, *args, grad_out=None, **kwargs):
-        """d loss / d pred (a tuple over the differentiable inputs if there are several)."""
-        _, grads, _ = self._run("vg", args, kwargs, grad_out=grad_out, want_value=False)
+    def grad(self, *args, grad_out=None, wrt=None, **kwargs):
+        """d loss / d pred (a tuple over the differentiable inputs if there are several;
+        `wrt` names the inputs wanted, including opt-in ones)."""
+        _, grads, _ = self._run("vg", args, kwargs, grad_out=grad_out, want_value=False, wrt=wrt)
         return grads
 
-    def value_and_grad(self, *args, out=None, grad_out=None, **kwargs):
+    def value_and_grad(self, *args, out=None, grad_out=None, wrt=None, **kwargs):
         """(loss, gradient) from one fused pass over the data."""
-        value, grads, _ = self._run("vg", args, kwargs, out=out, grad_out=grad_out)
+        value, grads, _ = self._run("vg", args, kwargs, out=out, grad_out=grad_out, wrt=wrt)
         return value, grads
 
     def grad_hess(self, *args, grad_out=None, hess_out=None, **kwargs):
         """(gradient, diagonal second derivative) w.r.t. pred, from one fused pass."""
+        if self._rows:
+            raise TypeError(f"{self._display}: grad_hess is for elementwise losses (a row loss's "
+                            "second derivative is not diagonal)")
         _, grads, hess = self._run("vgh", args, kwargs, grad_out=grad_out, hess_out=hess_out,
                                    want_value=False)
         return (grads[0] if isinstance(grads, tuple) else grads), hess
 
+    def _wanted(self, wrt) -> tuple:
+        if wrt is None:
+            return self._wrt
+        names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+        for n in names:
+            if n not in self._diff:
+                raise ValueError(f"{self._display}: wrt={n!r} is not a differentiable input "
+                                 f"(differentiable: {', '.join(self._diff)})")
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"{self._display}: wrt must name distinct inputs, got {wrt!r}")
+        return tuple(n for n in self._diff if n in names)
+
     # -- the one code path -----------------------------------------------------
 
-    def _run(self, mode, args, kwargs, out=None, grad_out=None, hess_out=None, want_value=True):
+    def _run(self, mode, args, kwargs, out=None, grad_out=None, hess_out=None, want_value=True,
+             wrt=None):
         try:
             bound = self._call_sig.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self._display}: {exc} (call signature: {self._call_sig})") from None
         a = bound.arguments
+        wanted = self._wanted(wrt) if "g" in mode else ()
+        if self._rows:
+            return self._run_rows(mode, a, out, grad_out, want_value, wanted)
         first = self._inputs[0]["name"]
         pred = _native(_as_array(a[first], first, self._display))
         if pred.dtype not in _POINTER:  # the dtypes that have kernels
@@ -309,8 +350,9 @@ class Loss:
             raise ValueError(f"{self._display}: out= holds per-sample values and needs reduction='none'")
         gouts = []
         if "g" in mode:
-            given = _as_tuple(grad_out, len(self._diff), "grad_out", self._display)
-            for g in given:
+            given = _as_tuple(grad_out, len(wanted), "grad_out", self._display)
+            for name in self._diff:  # the kernel writes every gradient; the unwanted are dropped
+                g = given[wanted.index(name)] if name in wanted else None
                 gouts.append(_output(g, "grad_out", shape, dtype, arrays, self._display, axis))
         hout = _output(hess_out, "hess_out", shape, dtype, arrays, self._display, axis) \
             if "h" in mode else None
@@ -334,9 +376,119 @@ class Loss:
         grads = None
         if gouts:
             shapes = [orig for name, _, orig in arrays if name in self._diff]
-            grads = tuple(_unbroadcast(g.arr, orig) for g, orig in zip(gouts, shapes))
+            grads = tuple(_unbroadcast(g.arr, orig) for g, orig, name in zip(gouts, shapes, self._diff)
+                          if name in wanted)
             grads = grads[0] if len(grads) == 1 else grads
         return value, grads, (hout.arr if hout is not None else None)
+
+    def _run_rows(self, mode, a, out, grad_out, want_value, wanted):
+        """The row-loss path: rows along `axis`, Gluon's weighting over the rows of a sample."""
+        who = self._display
+        first = self._inputs[0]["name"]
+        pred = _native(_as_array(a[first], first, who))
+        if pred.dtype not in _POINTER:
+            raise TypeError(f"{who}: {first} must be float32 or float64, got {pred.dtype}; "
+                            f"convert it with .astype(np.float32) or .astype(np.float64)")
+        layout = _RowLayout(who, first, pred.shape, self.batch_axis, self.axis)
+        dtype, shape = pred.dtype, pred.shape
+        nb, nf, nc = layout.nb, layout.nf, layout.nc
+        ptype = _POINTER[dtype]
+        ffi = self._ffi
+        keep: list = []
+        arrays = [(first, pred, shape)]  # (name, array as given or broadcast, shape given)
+        args = [nb, nf, nc, *layout.operand3(ffi, ptype, pred, keep)]
+        for i, inp in enumerate(self._inputs[1:]):
+            name, kind = inp["name"], self._kinds[inp["name"]]
+            value = a.get(name)
+            if kind == "row":
+                arr, orig = self._row_input(name, value, inp["default"], dtype, layout, first=(i == 0))
+                args += layout.operand3(ffi, ptype, arr, keep)
+            else:
+                arr, orig = self._per_row(name, value, inp["default"], dtype, layout, index=(kind == "index"))
+                args += layout.operand2(ffi, "int64_t *" if kind == "index" else ptype, arr, keep)
+            arrays.append((name, arr, orig))
+        sw, _ = self._per_row("sample_weight", a.get("sample_weight"), 1.0, dtype, layout, index=False)
+        arrays.append(("sample_weight", sw, None))
+        args += layout.operand2(ffi, ptype, sw, keep)
+        args += list(self.params.values())
+
+        vscale = self.weight / nf if nf else math.nan
+        gscale = vscale / nb if self.reduction == "mean" and nb else vscale
+        per_sample = want_value and self.reduction == "none"
+        if out is not None and not per_sample:
+            raise ValueError(f"{who}: out= holds per-sample values and needs reduction='none'")
+        vout = _output(out, "out", (nb,), dtype, arrays, who, 0) if per_sample else None
+        gouts = {}
+        if "g" in mode:
+            given = _as_tuple(grad_out, len(wanted), "grad_out", who)
+            for name, g in zip(wanted, given):
+                gouts[name] = _output(g, "grad_out", shape, dtype, arrays, who, None)
+        _check_disjoint(who, [("out", vout), *(("grad_out", g) for g in gouts.values())])
+        total = ffi.new("double *")
+        bad = ffi.new("int64_t[3]")
+        args += [vscale, gscale]
+        args += vout.operand(ffi, ptype, 0)[:2] if vout is not None else [ffi.NULL, 0]
+        args += [total, bad]
+        if "g" in mode:
+            for name in self._diff:
+                args += layout.output3(ffi, ptype, gouts[name]) if name in gouts else [ffi.NULL, 0, 0, 0]
+        result = math.nan if (nb and not nf) else 0.0
+        if nb and nf:
+            status = self._kernels[f"{mode}_{dtype.name}"](*args)
+            if status == 1:
+                raise IndexError(layout.bad_index(self._inputs, self._kinds, arrays, bad, self.params))
+            if status != 0:
+                raise RuntimeError(f"{who}: kernel returned status {status}")
+            result = total[0]
+            for o in (vout, *gouts.values()):
+                if o is not None:
+                    o.finish()
+        elif vout is not None and nb:
+            vout.arr.fill(np.nan)  # the mean over zero rows
+        value = None
+        if want_value:
+            if self.reduction == "none":
+                value = vout.arr
+            elif self.reduction == "mean":
+                value = dtype.type(result / nb if nb else math.nan)
+            else:
+                value = dtype.type(result)
+        grads = None
+        if gouts:
+            grads = tuple(_unbroadcast(gouts[n].arr, orig) for n, _, orig in arrays if n in gouts)
+            grads = grads[0] if len(grads) == 1 else grads
+        return value, grads, None
+
+    def _row_input(self, name, value, default, dtype, layout, first):
+        """A vector along the class axis, broadcast to the prediction's shape. A 1-D array of
+        the class count lies along the class axis (per-class weights), whatever its position."""
+        if value is None:
+            return np.full((), default, dtype), ()
+        arr = _as_numeric(value, name, dtype, self._display)
+        orig = arr.shape
+        if first and arr.size == math.prod(layout.shape) and arr.shape != layout.shape:
+            arr = arr.reshape(layout.shape)  # Gluon reshapes the label like pred
+        elif arr.ndim == 1 and layout.axis is not None and len(layout.shape) > 1 and arr.shape[0] == layout.nc:
+            arr = arr.reshape([layout.nc if i == layout.axis else 1 for i in range(len(layout.shape))])
+        return _broadcast(self._display, name, arr, layout.shape), orig
+
+    def _per_row(self, name, value, default, dtype, layout, index):
+        """One number per row, broadcast to the rows' shape (the prediction's without its class
+        axis; an array with the class axis kept at size 1 is accepted too). Class indices must
+        hold integers and become int64."""
+        who = self._display
+        if value is None:
+            return np.full((), default, np.int64 if index else dtype), ()
+        arr = _as_array(value, name, who)
+        orig = arr.shape
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{who}: {name} must hold real numbers, got dtype {arr.dtype}")
+        if index:
+            arr = _as_classes(who, name, arr)
+        else:
+            arr = arr.astype(dtype, copy=False)
+        arr = layout.to_rows(name, arr)
+        return arr, orig
 
     def _input(self, name, value, default, dtype, shape, reshape_like_pred=False):
         """(name, array broadcast to pred's shape, the shape the caller gave) for one input;
@@ -372,6 +524,145 @@ class Loss:
             if o is not None:
                 o.finish()
         return total[0]
+
+
+# --------------------------------------------------------------------------- row layout
+
+
+class _RowLayout:
+    """Where the rows of a row loss are: the prediction's batch axis, class axis (or every
+    non-batch axis when axis is None) and the rows in between, and the kernel's views."""
+
+    def __init__(self, who, name, shape, batch_axis, axis):
+        self.who, self.shape = who, tuple(shape)
+        ndim = len(shape)
+        if ndim == 0:
+            raise ValueError(f"{who}: {name} must have a batch axis, got a 0-d array")
+        if not -ndim <= batch_axis < ndim:
+            raise ValueError(f"{who}: batch_axis={batch_axis} is out of range for {name} of shape {shape}")
+        self.bax = batch_axis % ndim
+        if axis is None:
+            self.axis = None
+            self.nc = math.prod(n for i, n in enumerate(shape) if i != self.bax)
+            self.rows_shape = (shape[self.bax],)
+            self.rows_bax = 0
+        else:
+            if ndim < 2 or not -ndim <= axis < ndim:
+                raise ValueError(f"{who}: axis={axis} is out of range for {name} of shape {shape} "
+                                 "(it needs a batch axis and a class axis)")
+            self.axis = axis % ndim
+            if self.axis == self.bax:
+                raise ValueError(f"{who}: axis={axis} and batch_axis={batch_axis} are the same axis "
+                                 f"of {name} (shape {shape})")
+            self.nc = shape[self.axis]
+            self.rows_shape = tuple(n for i, n in enumerate(shape) if i != self.axis)
+            self.rows_bax = self.bax - (self.bax > self.axis)
+        self.nb = shape[self.bax]
+        self.nf = math.prod(self.rows_shape) // self.nb if self.nb else \
+            math.prod(n for i, n in enumerate(self.rows_shape) if i != self.rows_bax)
+
+    def view3(self, arr):
+        """(sample, row, class) view of an array of the prediction's shape, or a copy."""
+        if self.axis is None:
+            moved = np.moveaxis(arr, self.bax, 0)
+        else:
+            moved = np.moveaxis(arr, (self.bax, self.axis), (0, -1))
+        return moved.reshape(self.nb, self.nf, self.nc)
+
+    def operand3(self, ffi, ptype, arr, keep):
+        if arr.ndim == 0:  # an absent optional input: its default, stride 0 everywhere
+            keep.append(arr)
+            return [ffi.cast(ptype, arr.ctypes.data), 0, 0, 0]
+        v = _aligned(self.view3(arr), keep)
+        return [ffi.cast(ptype, v.ctypes.data), *_elem_strides(v)]
+
+    def operand2(self, ffi, ptype, arr, keep):
+        if arr.ndim == 0:  # an absent optional input: its default, stride 0 everywhere
+            keep.append(arr)
+            return [ffi.cast(ptype, arr.ctypes.data), 0, 0]
+        v = np.moveaxis(arr, self.rows_bax, 0).reshape(self.nb, self.nf)
+        v = _aligned(v, keep)
+        return [ffi.cast(ptype, v.ctypes.data), *_elem_strides(v)]
+
+    def output3(self, ffi, ptype, out: "_Out"):
+        """The kernel's pointer and strides for a gradient output; a temporary when the
+        output's memory cannot be walked as (sample, row, class)."""
+        try:
+            if self.axis is None:
+                moved = np.moveaxis(out.arr, self.bax, 0)
+            else:
+                moved = np.moveaxis(out.arr, (self.bax, self.axis), (0, -1))
+            v = np.reshape(moved, (self.nb, self.nf, self.nc), copy=False)
+        except ValueError:  # written batch-first, copied back by out.finish()
+            out.view, out.tmp = moved, np.empty(moved.shape, out.arr.dtype)
+            v = out.tmp.reshape(self.nb, self.nf, self.nc)
+        return [ffi.cast(ptype, v.ctypes.data), *_elem_strides(v)]
+
+    def to_rows(self, name, arr):
+        """A per-row array broadcast to the rows' shape."""
+        full = self.shape
+        if arr.ndim == len(full) and self.axis is not None:
+            if arr.shape[self.axis] != 1:
+                raise ValueError(f"{self.who}: {name} of shape {arr.shape} must have size 1 along the "
+                                 f"class axis {self.axis} (or leave that axis out), prediction shape {full}")
+            arr = np.squeeze(arr, self.axis)
+        elif self.axis is None and arr.ndim == len(full) and arr.ndim > 1:
+            others = [n for i, n in enumerate(arr.shape) if i != self.bax]
+            if any(n != 1 for n in others):
+                raise ValueError(f"{self.who}: {name} of shape {arr.shape} must have one value per "
+                                 f"sample (prediction shape {full})")
+            arr = np.moveaxis(arr, self.bax, 0).reshape(arr.shape[self.bax])
+        return _broadcast(self.who, name, arr, self.rows_shape)
+
+    def bad_index(self, inputs, kinds, arrays, bad, params) -> str:
+        """The IndexError message for the kernel's report bad = {sample, row, class}."""
+        b, f, value = int(bad[0]), int(bad[1]), int(bad[2])
+        others = [n for i, n in enumerate(self.rows_shape) if i != self.rows_bax]
+        rest = list(np.unravel_index(f, others)) if others else []
+        idx = tuple(rest[:self.rows_bax]) + (b,) + tuple(rest[self.rows_bax:])
+        flat = int(np.ravel_multi_index(idx, self.rows_shape)) if self.rows_shape else 0
+        names = [i["name"] for i in inputs if kinds.get(i["name"]) == "index"]
+        name = names[0]
+        for n in names:  # the input whose class at this row is the reported one
+            arr = next(arr for m, arr, _ in arrays if m == n)
+            if int(arr[idx]) == value:
+                name = n
+                break
+        ignore = next((i["ignore"] for i in inputs if i["name"] == name), None)
+        hint = f" (and not {params[ignore]:g}, the ignore_index)" if ignore else ""
+        return (f"{self.who}: {name}[{', '.join(map(str, idx))}] (flat position {flat}) = {value} is "
+                f"outside [0, {self.nc}){hint}")
+
+
+def _aligned(v, keep):
+    """`v`, or an aligned copy (kept alive in `keep`) if its memory is not element-aligned."""
+    if not v.flags.aligned or any(st % v.itemsize for st in v.strides):
+        v = np.ascontiguousarray(v)
+    keep.append(v)
+    return v
+
+
+def _elem_strides(v):
+    return [st // v.itemsize for st in v.strides]
+
+
+def _as_classes(who, name, arr):
+    """Class indices as int64: integers as they are, floats only when they hold integers."""
+    if arr.dtype.kind == "b":
+        raise TypeError(f"{who}: {name} holds class indices: got booleans")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr)) if arr.size else np.zeros(arr.shape, bool)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{who}: {name} holds class indices, but {name}.flat[{pos}] = "
+                             f"{float(arr.flat[pos])!r} is not an integer")
+        if arr.size and np.abs(arr).max() >= 2.0**63:
+            pos = int(np.argmax(np.abs(arr)))
+            raise IndexError(f"{who}: {name}.flat[{pos}] = {float(arr.flat[pos])!r} is not a valid class index")
+    elif arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        pos = int(np.argmax(arr))
+        raise IndexError(f"{who}: {name}.flat[{pos}] = {arr.flat[pos]} is not a valid class index")
+    return arr.astype(np.int64, copy=False)
 
 
 # --------------------------------------------------------------------------- array helpers
@@ -469,7 +760,7 @@ class _Out:
 def _output(given, what, shape, dtype, arrays, who, axis) -> _Out:
     if given is None:
         arr = np.empty(shape, dtype)
-        if _collapse(arr, axis) is None:  # batch axis inside: allocate batch-first, return a view
+        if axis is not None and _collapse(arr, axis) is None:  # batch axis inside: allocate batch-first, return a view
             arr = np.moveaxis(np.empty((shape[axis], *np.delete(shape, axis)), dtype), 0, axis)
         return _Out(arr)
     if not isinstance(given, np.ndarray):

@@ -21,10 +21,11 @@ MAX_YAML_DEPTH = 20  # nesting of mappings and lists; a spec needs 4
 
 # Names the runtime gives every loss; a spec may not reuse them.
 RESERVED = frozenset(
-    {"weight", "batch_axis", "reduction", "sample_weight", "out", "grad_out", "hess_out", "self"}
+    {"weight", "batch_axis", "axis", "reduction", "sample_weight", "out", "grad_out", "hess_out",
+     "wrt", "self"}
 )
 TOP_KEYS = ("name", "aliases", "summary", "reference", "doc", "inputs", "params", "variants",
-            "positional", "let", "loss", "examples")
+            "positional", "axis", "let", "loss", "examples")
 COMMON_ARGS = ("weight", "batch_axis")  # constructor arguments every loss has
 _STR_TAG = "tag:yaml.org,2002:str"
 _SCALAR_TAGS = {
@@ -255,9 +256,17 @@ class _Validator:
         inputs = self.inputs(top["inputs"][1])
         params = self.params(top["params"][1]) if "params" in top else ()
         variants = self.variants(top["variants"][1]) if "variants" in top else ()
-        positional = (*(p.name for p in params), *(v.name for v in variants), *COMMON_ARGS)
+        is_row = any(i.row or i.index_into for i in inputs)
+        self.check_row_inputs(inputs, params)
+        common = ("axis", *COMMON_ARGS) if is_row else COMMON_ARGS
+        positional = (*(p.name for p in params), *(v.name for v in variants), *common)
         if "positional" in top:
-            positional = self.positional(top["positional"][1], params, variants)
+            positional = self.positional(top["positional"][1], params, variants, common)
+        axis = -1
+        if "axis" in top:
+            if not is_row:
+                self.fail(top["axis"][0], "axis is for row losses (an input with row: true)")
+            axis = self.axis(top["axis"][1])
         let = ()
         if "let" in top:
             let = tuple((self.identifier(k, "let name"), self.formula(v, f"let '{k.value}'"))
@@ -271,13 +280,21 @@ class _Validator:
             name=name, path=self.label, loc=self.loc(top["name"][1]), summary=summary,
             reference=reference, doc=doc, aliases=aliases, inputs=inputs, params=params,
             variants=variants, let=let, loss=loss, examples=examples, source_hash=source_hash,
-            positional=positional, alias_locs=alias_locs,
+            positional=positional, alias_locs=alias_locs, axis=axis,
         )
 
-    def positional(self, node, params, variants) -> tuple:
+    def axis(self, node):
+        value = self.scalar(node, "axis")
+        if value == "all":
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(node, f"axis must be an int or 'all' (every non-batch axis), got {value!r}")
+        return value
+
+    def positional(self, node, params, variants, common) -> tuple:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, f"positional must be a list of names, got {_kind(node)}")
-        allowed = (*(p.name for p in params), *(v.name for v in variants), *COMMON_ARGS)
+        allowed = (*(p.name for p in params), *(v.name for v in variants), *common)
         names = []
         for n in node.value:
             name = self.string(n, "positional")
@@ -295,22 +312,56 @@ class _Validator:
         out = []
         for i, (name, (knode, vnode)) in enumerate(items.items()):
             self.identifier(knode, "input name")
-            fields = self.options(vnode, f"input '{name}'", ("differentiable", "default", "doc"))
-            differentiable = self.boolean(fields["differentiable"][1], "differentiable") \
-                if "differentiable" in fields else i == 0
-            if i == 0 and not differentiable:
+            fields = self.options(vnode, f"input '{name}'",
+                                  ("differentiable", "default", "row", "index_into", "ignore", "doc"))
+            differentiable, optional_grad = i == 0, False
+            if "differentiable" in fields:
+                dnode = fields["differentiable"][1]
+                if self.scalar(dnode, "differentiable") == "optional":
+                    differentiable = optional_grad = True
+                else:
+                    differentiable = self.boolean(dnode, "differentiable (true, false or optional)")
+            if i == 0 and (not differentiable or optional_grad):
                 self.fail(knode, f"the first input '{name}' is the prediction and must be differentiable")
             default = self.number(fields["default"][1], f"default of input '{name}'") \
                 if "default" in fields else None
             if i == 0 and default is not None:
                 self.fail(fields["default"][0], f"the prediction '{name}' cannot have a default")
             doc = self.string(fields["doc"][1], "doc") if "doc" in fields else ""
-            out.append(InputSpec(name, self.loc(knode), differentiable, default, doc))
+            row = self.boolean(fields["row"][1], "row") if "row" in fields else False
+            index_into = self.identifier(fields["index_into"][1], "index_into") \
+                if "index_into" in fields else None
+            ignore = self.identifier(fields["ignore"][1], "ignore") if "ignore" in fields else None
+            if ignore and not index_into:
+                self.fail(fields["ignore"][0], "ignore is for class-index inputs (index_into: ...)")
+            out.append(InputSpec(name, self.loc(knode), differentiable, default, doc, row, index_into,
+                                 ignore, optional_grad))
         optional = [i for i in out if i.default is not None]
         if any(i.default is None for i in out[out.index(optional[0]):]) if optional else False:
             bad = next(i for i in out[out.index(optional[0]):] if i.default is None)
             raise SpecError(bad.loc, f"input '{bad.name}' has no default but follows an optional input")
         return tuple(out)
+
+    def check_row_inputs(self, inputs, params):
+        """Row losses: the prediction is a row, class indices point at a row input, the
+        ignored class is a param, and only row inputs are differentiable."""
+        if not any(i.row or i.index_into for i in inputs):
+            return
+        rows = {i.name for i in inputs if i.row}
+        if not inputs[0].row:
+            raise SpecError(inputs[0].loc, f"the prediction '{inputs[0].name}' of a row loss must "
+                                           "have row: true")
+        for inp in inputs:
+            if inp.index_into and inp.index_into not in rows:
+                raise SpecError(inp.loc, f"input '{inp.name}': index_into '{inp.index_into}' is not "
+                                         f"a row input (rows: {', '.join(sorted(rows))})")
+            if inp.index_into and inp.row:
+                raise SpecError(inp.loc, f"input '{inp.name}' has both row and index_into")
+            if inp.ignore and inp.ignore not in {p.name for p in params}:
+                raise SpecError(inp.loc, f"input '{inp.name}': ignore '{inp.ignore}' is not a param")
+            if inp.differentiable and not (inp.row or inp.index_into):
+                raise SpecError(inp.loc, f"input '{inp.name}': only row inputs of a row loss can be "
+                                         "differentiable")
 
     def options(self, node, what: str, allowed) -> dict:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
@@ -401,6 +452,12 @@ class _Validator:
                     if val not in variant.values or type(val) is not type(variant.values[0]):
                         self.fail(vnode, f"example {key}: {val!r} is not one of {list(variant.values)}")
                     vals[key] = val
+                elif isinstance(vnode, yaml.SequenceNode):  # a row of a row loss
+                    if not any(i.row for i in inputs):
+                        self.fail(vnode, f"example {key}: a list is a row, for row losses only")
+                    vals[key] = tuple(self.number(n, f"example {key}") for n in vnode.value)
+                    if not vals[key]:
+                        self.fail(vnode, f"example {key} is an empty list")
                 else:
                     vals[key] = self.number(vnode, f"example {key}")
             out.append(ExampleSpec(

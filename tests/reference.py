@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 __all__ = [
-    "l2", "l1", "huber", "hinge", "squared_hinge", "logistic", "sigmoid_bce", "poisson_nll",
+    "l2", "l1", "huber", "hinge", "squared_hinge", "logistic", "sigmoid_bce", "poisson_nll", "log_cosh",
     "softplus", "sigmoid", "REFERENCES", "gluon_weighting", "reduce", "derivative_scale",
     "expected",
 ]
@@ -173,9 +173,23 @@ def poisson_nll(pred, target, from_logits=True, compute_full=False, epsilon=1e-8
     return tuple(np.broadcast_to(a, shape).copy() for a in (value, grad, hess))
 
 
+def log_cosh(pred, label, scale=1.0):
+    """log(cosh(e)), e = (p - y) / scale, as log1p(2 sinh(e/2)^2) (cosh(e) - 1 without
+    cancellation), and |e| - log 2 + log1p(e^(-2|e|)) beyond |e| = 20 where sinh overflows.
+    dl/dp = tanh(e) / scale;  d2l/dp2 = 1 / (scale cosh(e))^2."""
+    p, y = _f64(pred, label)
+    e = (p - y) / scale
+    a = np.abs(e)
+    with np.errstate(over="ignore"):
+        near = np.log1p(2.0 * np.sinh(np.minimum(a, 20.0) / 2.0) ** 2)
+        far = a - math.log(2.0) + np.log1p(np.exp(-2.0 * a))
+        return np.where(a <= 20.0, near, far), np.tanh(e) / scale, 1.0 / (scale * np.cosh(e)) ** 2
+
+
 REFERENCES = {
     "l2": l2, "l1": l1, "huber": huber, "hinge": hinge, "squared_hinge": squared_hinge,
     "logistic": logistic, "sigmoid_bce": sigmoid_bce, "poisson_nll": poisson_nll,
+    "log_cosh": log_cosh,
 }
 
 

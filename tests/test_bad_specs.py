@@ -32,10 +32,10 @@ TIME_LIMIT = 5.0  # seconds for one refusal
 HARD_TIMEOUT = 6.0  # a subprocess still running after this is killed (and the test fails)
 
 # By hand from losscc/expr.py FUNCTIONS, sorted as Python sorts str (capitals first).
-KNOWN_FUNCTIONS = ("Abs, Max, Min, Piecewise, abs, clip, cosh, exp, expm1, log, log1p, log_sigmoid, "
+KNOWN_FUNCTIONS = ("Abs, Max, Min, Piecewise, abs, clip, cosh, exp, expm1, log, log1p, log_cosh, log_sigmoid, "
                    "max, min, relu, sigmoid, sign, softplus, sqrt, square, tanh, where")
-TOP_KEYS = "name, aliases, summary, reference, doc, inputs, params, variants, positional, let, loss, examples"
-RESERVED = "batch_axis, grad_out, hess_out, out, reduction, sample_weight, self, weight"
+TOP_KEYS = "name, aliases, summary, reference, doc, inputs, params, variants, positional, axis, let, loss, examples"
+RESERVED = "axis, batch_axis, grad_out, hess_out, out, reduction, sample_weight, self, weight, wrt"
 IDENT = "must be an ASCII Python identifier, not a keyword, not starting with '_'"
 OS_SYSTEM_TAG = "tag:yaml.org,2002:python/object/apply:os.system"
 
@@ -105,7 +105,7 @@ CASES = {
     # 'loss: exp([p for p in (pred, label)])': '[' is column 11
     "expr_list_comprehension.yaml": expr("7:11: loss: a comprehension is not allowed in a loss expression"),
     "expr_fstring.yaml": expr("7:7: loss: an f-string is not allowed in a loss expression"),
-    "expr_subscript.yaml": expr("7:7: loss: indexing is not allowed in a loss expression"),
+    "expr_subscript.yaml": expr("7:7: loss: indexing (x[label]) is for row losses (an input with row: true)"),
     # ------------------------------------------------------------------ expressions: names and calls
     "unknown_function.yaml": expr(f"7:7: loss: unknown function 'expp' (known: {KNOWN_FUNCTIONS})"),
     # 'loss: (pred - lable)**2': 'lable' is column 15

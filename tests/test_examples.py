@@ -67,20 +67,37 @@ def test_readme_spec_example_builds_and_is_right(tmp_path):
     from losscc.build import build
 
     readme = (ROOT / "README.md").read_text()
-    spec = re.search(r"```yaml\n(name: log_cosh.*?)```", readme, re.S).group(1)
-    (tmp_path / "log_cosh.yaml").write_text(spec)
-    report = build([tmp_path / "log_cosh.yaml"], out=tmp_path / "out", log=lambda *a: None)
+    spec = re.search(r"```yaml\n(name: quantile.*?)```", readme, re.S).group(1)
+    (tmp_path / "quantile.yaml").write_text(spec)
+    report = build([tmp_path / "quantile.yaml"], out=tmp_path / "out", log=lambda *a: None)
     mod = losscc.load(report.path)
     p = np.array([-800.0, -3.0, 0.0, 0.5, 2.0, 900.0])
-    y = np.zeros_like(p)
-    v, g = mod.LogCoshLoss(scale=2.0).value_and_grad(p, y)
-    e = p / 2.0
-    # numpy reference: log(cosh(e)) where cosh does not overflow, |e| - log 2 beyond
-    # (the difference is below 1e-300 there)
-    ref = np.where(np.abs(e) < 300, np.log(np.cosh(np.clip(e, -300, 300))), np.abs(e) - np.log(2))
-    np.testing.assert_allclose(v, ref, rtol=1e-14, atol=1e-300)
-    np.testing.assert_allclose(g, np.tanh(e) / 2.0, rtol=1e-14)
-    for ex in mod.LogCoshLoss._meta["examples"]:
-        val, grad = mod.LogCoshLoss().value_and_grad(np.array([ex["inputs"]["pred"]]),
-                                                     np.array([ex["inputs"]["label"]]))
+    y = np.array([0.0, 1.0, 0.0, -1.0, 2.5, 0.0])
+    v, g = mod.QuantileLoss(tau=0.9).value_and_grad(p, y)
+    # numpy reference by hand: tau * e above the prediction, (tau - 1) * e below, e = y - p;
+    # the gradient -tau or 1 - tau, and 0 at the kink (p == y)
+    e = y - p
+    np.testing.assert_allclose(v, np.maximum(0.9 * e, -0.1 * e), rtol=1e-15)
+    np.testing.assert_allclose(g, np.where(e > 0, -0.9, np.where(e < 0, 0.1, 0.0)), rtol=1e-15)
+    for ex in mod.QuantileLoss._meta["examples"]:
+        val, grad = mod.QuantileLoss(**ex["options"]).value_and_grad(
+            np.array([ex["inputs"]["pred"]]), np.array([ex["inputs"]["label"]]))
         assert abs(val[0] - ex["loss"]) <= 1e-15 and abs(grad[0] - ex["grad"]) <= 1e-15
+
+
+def test_tutorial_softmax_cross_entropy(losses):
+    # The tutorial's SoftmaxCrossEntropyLoss on [[1, 10], [8, 2]], labels [0, 1], in float32
+    # (MXNet's nd.array default) and float64. By mpmath: logsumexp(1, 10) - 1 =
+    # 9.0001234021897233, logsumexp(8, 2) - 2 = 6.0024756851377304.
+    loss = losses.SoftmaxCrossEntropyLoss()
+    for dtype in (np.float32, np.float64):
+        x = np.array([[1, 10], [8, 2]], dtype=dtype)
+        value, grad = loss.value_and_grad(x, np.array([0, 1]))
+        np.testing.assert_allclose(value, [9.0001234021897233, 6.0024756851377304],
+                                   rtol=2 * np.finfo(dtype).eps)
+        # the gradient is softmax - onehot, its rows sum to 0
+        softmax = np.exp(x - x.max(1, keepdims=True))
+        softmax /= softmax.sum(1, keepdims=True)
+        np.testing.assert_allclose(grad, softmax - np.eye(2), rtol=4 * np.finfo(dtype).eps)
+        # logits of 1e4: finite, and exactly 9e4 and 6e4 (the other class is e^-9e4 away)
+        np.testing.assert_allclose(loss(x * 10000, np.array([0, 1])), [90000, 60000], rtol=0)

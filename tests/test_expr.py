@@ -14,8 +14,9 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from losscc.errors import SpecError
 from losscc.expr import Variant, FUNCTIONS, MAX_POWER, Scope, parse_formula, parse_spec_math, symbols_for
-from losscc.functions import Sigmoid, Softplus
+from losscc.functions import LogCosh, Sigmoid, Softplus
 from losscc.ir import Formula, Loc
+from losscc.rows import NCLASS
 from losscc.spec import load_spec, parse_spec
 
 from conftest import SPECS
@@ -25,7 +26,7 @@ Y = sympy.Symbol("x_label", real=True)
 RHO = sympy.Symbol("p_rho", real=True, positive=True)
 SYMBOLS = {"pred": X, "label": Y, "rho": RHO}
 LOC = Loc("f.yaml", 3, 7)  # as if the formula followed 'loss: ' on line 3
-KNOWN_FUNCTIONS = ("Abs, Max, Min, Piecewise, abs, clip, cosh, exp, expm1, log, log1p, log_sigmoid, "
+KNOWN_FUNCTIONS = ("Abs, Max, Min, Piecewise, abs, clip, cosh, exp, expm1, log, log1p, log_cosh, log_sigmoid, "
                    "max, min, relu, sigmoid, sign, softplus, sqrt, square, tanh, where")
 
 
@@ -65,6 +66,7 @@ FUNCTION_CASES = {
     "log": ("log(pred)", sympy.log(X)),
     "log1p": ("log1p(pred)", log1p(X)),  # the C log1p, not log(1 + x)
     "expm1": ("expm1(pred)", expm1(X)),
+    "log_cosh": ("log_cosh(pred)", LogCosh(X)),
     "sqrt": ("sqrt(pred)", sympy.Pow(X, Rational(1, 2))),
     "abs": ("abs(pred - label)", Abs(X - Y)),
     "Abs": ("Abs(pred)", Abs(X)),
@@ -375,7 +377,13 @@ def test_parsing_never_calls_eval_or_exec(monkeypatch):
     for spec in specs:
         symbols = symbols_for(spec)
         for options in spec.variant_combos():
-            assert parse_spec_math(spec, options, symbols).free_symbols <= set(symbols.values())
+            parsed = parse_spec_math(spec, options, symbols)
+            if spec.is_row:  # the loss, and the class-index gathers it made
+                parsed, row = parsed
+                known = {*symbols.values(), *row.gathers, *(i for i, _ in row.indices.values())}
+                assert parsed.free_symbols <= known | {NCLASS}
+            else:
+                assert parsed.free_symbols <= set(symbols.values())
     with pytest.raises(SpecError, match="attribute access is not allowed"):
         parse("__import__('os').system('true')")
 

@@ -205,8 +205,10 @@ def test_gluon_positional_constructor_arguments(losses):
 def test_aliases_are_the_same_class(losses):
     assert losses.L2Loss is losses.l2
     assert losses.SigmoidBCELoss is losses.SigmoidBinaryCrossEntropyLoss is losses.sigmoid_bce
+    assert losses.SoftmaxCELoss is losses.SoftmaxCrossEntropyLoss is losses.softmax_cross_entropy
     assert set(losses.LOSSES) == {"l1", "l2", "huber", "hinge", "squared_hinge", "logistic",
-                                  "sigmoid_bce", "poisson_nll"}
+                                  "sigmoid_bce", "poisson_nll", "log_cosh", "softmax_cross_entropy",
+                                  "kl_div", "cosine_embedding", "triplet", "softmax_focal"}
 
 
 def test_docstring_comes_from_the_spec(losses):

@@ -1,0 +1,370 @@
+"""Row losses: reductions over the class axis as sympy nodes, and losscc's chain rule over them.
+
+A row loss is a scalar expression of *row scalars*: reductions over the class axis
+(`RowSum`, `RowMax`, `RowMin`, `LogSumExp`) of elementwise expressions, and gathers
+`x[label]`. sympy takes every scalar derivative; the chain rule over the row scalars is
+here (`derive_row`), and so is the plan of passes a kernel makes over each row.
+
+Vocabulary, as the symbols are named in C:
+- element symbols `x_<input>`: inside a reduction, element j of a row input;
+- gather symbols `xg<i>_<k>`: row input i read at class index input k (before any pass),
+  or `xg<i>_r<n>`: read at the argmax of reduction n (after its pass);
+- row scalars `r<n>`: the value of reduction n; a logsumexp is `m<n> + r<n>`, its max shift
+  m<n> (a constant under differentiation, NUMERICS.md) plus log1p of the other terms;
+- `ncls`: the number of classes (the row length); `j`: the class index of the current pass.
+
+How a row becomes a gradient, for F(row scalars):
+- the adjoint of each row scalar is accumulated in reverse creation order (inner reductions
+  are created first, so that is a reverse topological order);
+- a sum passes its adjoint on to the row scalars inside it through a new reduction
+  sum_j d e_j / d s (another pass, or the same one when it depends on nothing new);
+- a logsumexp does the same with the softmax weights exp(e_j - m - r);
+- a max or min is its argument at its argmax (first one on ties, like torch.max(dim)):
+  its adjoint flows into the elements gathered there;
+- the gradient pass writes, per element j, the sum over reductions of adjoint x weight x
+  d e / d x_j, plus each gather's adjoint where j equals its index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from .stabilize import local_rule
+
+NCLASS = sympy.Symbol("ncls", positive=True)
+J = sympy.Symbol("j", integer=True)
+
+
+class RowReduction(sympy.Function):
+    """A reduction of an elementwise expression over the class axis; lowered to a symbol
+    before any differentiation (sympy never differentiates through it)."""
+
+    nargs = 1
+    kind = ""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def fdiff(self, argindex=1):  # pragma: no cover - lowering runs first
+        raise TypeError(f"internal: {type(self).__name__} reached sympy.diff; lower it first")
+
+
+class RowSum(RowReduction):
+    kind = "sum"
+
+    def _eval_is_positive(self):
+        return self.args[0].is_positive
+
+    def _eval_is_nonnegative(self):
+        return self.args[0].is_nonnegative
+
+
+class RowMax(RowReduction):
+    kind = "max"
+
+
+class RowMin(RowReduction):
+    kind = "min"
+
+
+class LogSumExp(RowReduction):
+    """log(sum_j exp(e_j)), computed as m + log1p(sum over j != argmax of exp(e_j - m)) with
+    m the row max (m := 0 where it is +-inf): no overflow, and a confident row's tiny loss
+    keeps its digits. d/de_j = softmax_j = exp(e_j - m - r)."""
+
+    kind = "lse"
+
+    def naive(self):
+        return sympy.log(RowSum(sympy.exp(self.args[0])))
+
+
+REDUCTIONS = (RowSum, RowMax, RowMin, LogSumExp)
+
+
+# --------------------------------------------------------------------------- row rewrites
+
+
+def _log_sum_exp(node):
+    if isinstance(node, sympy.log) and isinstance(node.args[0], RowSum) \
+            and isinstance(node.args[0].args[0], sympy.exp):
+        return LogSumExp(node.args[0].args[0].args[0])
+    return None
+
+
+def _log_of_product(node):
+    """log(a * b) -> log(a) + log(b) when every factor is positive and one is an exp or a row
+    reduction (the quotient exp(x[k]) / sum(exp(x)) of a softmax written out)."""
+    if not (isinstance(node, sympy.log) and node.args[0].is_Mul):
+        return None
+    factors = node.args[0].args
+    bases = [f.base if f.is_Pow else f for f in factors]
+    if not all(f.is_positive for f in factors) or \
+            not any(isinstance(b, (sympy.exp, RowReduction)) for b in bases):
+        return None
+    return sympy.Add(*(f.exp * sympy.log(f.base) if f.is_Pow else sympy.log(f) for f in factors))
+
+
+# Rules for the "to-stable-nodes" phase of stabilize.py (run on a row loss before lowering).
+ROW_RULES = (
+    local_rule("log-of-product", "log(exp(a) * b)", "a + log(b)   (every factor positive)",
+               _log_of_product),
+    local_rule("log-sum-exp", "log(sum(exp(e)))", "logsumexp(e)", _log_sum_exp),
+)
+
+
+def outside_reductions(expr):
+    """The free symbols of `expr` that are not inside a row reduction."""
+    if isinstance(expr, RowReduction):
+        return set()
+    if isinstance(expr, sympy.Symbol):
+        return {expr}
+    out = set()
+    for a in expr.args:
+        out |= outside_reductions(a)
+    return out
+
+
+def replace_outside(expr, mapping: dict):
+    """`expr` with the symbols in `mapping` replaced, except inside row reductions (where an
+    element symbol means 'each element', not the gathered one)."""
+    if isinstance(expr, RowReduction) or not expr.args:
+        return mapping.get(expr, expr)
+    args = [replace_outside(a, mapping) for a in expr.args]
+    return expr.func(*args) if args != list(expr.args) else expr
+
+
+# --------------------------------------------------------------------------- lowering
+
+
+@dataclass
+class Scalar:
+    """One row scalar. kind: 'sum', 'max', 'min', 'lse' (reductions over the row), or
+    'gather' (a row input read at one class index)."""
+
+    n: int
+    kind: str
+    sym: sympy.Symbol  # its value; for an lse, the log part (value = shift + sym)
+    arg: object = None  # reductions: the elementwise expression
+    shift: sympy.Symbol | None = None  # lse: the max shift m<n>
+    argmax: sympy.Symbol | None = None  # max, min, lse: index symbol jm<n>
+    source: str | None = None  # gathers: the row input read
+    index: sympy.Symbol | None = None  # gathers: the index symbol (i_<input> or jm<n>)
+    aux: bool = False  # a reduction only the gradient needs
+
+    @property
+    def value(self):
+        return self.shift + self.sym if self.kind == "lse" else self.sym
+
+
+@dataclass
+class RowProgram:
+    """A row loss lowered: its value as an expression of row scalars, every row scalar, and
+    (when derived) the gradient of each differentiable row input per element j."""
+
+    value: object
+    scalars: list
+    elements: dict  # element symbol -> row input name
+    gathers: dict  # gather symbol -> Scalar
+    adjoints: dict = field(default_factory=dict)  # Scalar.n -> adjoint expression
+    grads: dict = field(default_factory=dict)  # input name -> expression per element j
+
+
+class Lowering:
+    def __init__(self, elements: dict, gathers: dict):
+        self.elements = elements  # element symbol -> input name
+        self.gathers = {}  # symbol -> Scalar
+        self.scalars: list[Scalar] = []
+        self.cache: dict = {}
+        for sym, (source, index_sym) in gathers.items():
+            self.new_gather(sym, source, index_sym)
+
+    def new_gather(self, sym, source, index_sym) -> Scalar:
+        s = Scalar(len(self.scalars), "gather", sym, source=source, index=index_sym)
+        self.scalars.append(s)
+        self.gathers[sym] = s
+        return s
+
+    def lower(self, expr, aux=False):
+        """`expr` with every reduction replaced by its row scalar (inner ones first)."""
+        if isinstance(expr, RowReduction):
+            arg = self.lower(expr.args[0], aux)
+            key = (type(expr), arg)
+            if key not in self.cache:
+                self.cache[key] = self.new_reduction(expr.kind, arg, aux)
+            return self.cache[key].value
+        if not expr.args:
+            return expr
+        args = [self.lower(a, aux) for a in expr.args]
+        return expr.func(*args) if args != list(expr.args) else expr
+
+    def new_reduction(self, kind, arg, aux) -> Scalar:
+        n = len(self.scalars)
+        s = Scalar(n, kind, sympy.Symbol(f"r{n}", real=True), arg=arg, aux=aux)
+        if kind == "lse":
+            s.shift = sympy.Symbol(f"m{n}", real=True)
+        if kind in ("max", "min", "lse"):
+            s.argmax = sympy.Symbol(f"jm{n}", integer=True)
+        self.scalars.append(s)
+        return s
+
+    def by_symbol(self):
+        return {s.sym: s for s in self.scalars}
+
+
+def lower_row(expr, elements: dict, gathers: dict) -> RowProgram:
+    """Lower a parsed row loss. `gathers` maps each gather symbol made by the parser to
+    (row input name, index symbol)."""
+    low = Lowering(elements, gathers)
+    value = low.lower(expr)
+    return RowProgram(value=value, scalars=low.scalars, elements=elements, gathers=low.gathers), low
+
+
+def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
+    """The lowered program with adjoints and per-element gradients of the inputs in `wrt`."""
+    prog, low = lower_row(expr, elements, gathers)
+    by_sym = low.by_symbol()
+    adj: dict = {}
+
+    def add(sym, term):
+        if term != 0:
+            adj[sym] = adj.get(sym, sympy.S.Zero) + term
+
+    def scalar_deps(e):
+        return [by_sym[x] for x in e.free_symbols if x in by_sym]
+
+    for sym in prog.value.free_symbols:
+        if sym in by_sym:
+            add(sym, sympy.diff(prog.value, sym))
+    primaries = [s for s in prog.scalars if s.kind != "gather"]
+    for s in reversed(primaries):
+        a = adj.get(s.sym)
+        if a is None:
+            continue
+        if s.kind in ("max", "min"):
+            # r = e at the argmax: read each element there, and pass the adjoint into them.
+            at = {x: low.new_gather(sympy.Symbol(f"xg{_input_index(elements, x)}_r{s.n}", real=True),
+                                    name, s.argmax).sym
+                  for x, name in elements.items() if x in s.arg.free_symbols}
+            definition = replace_outside(s.arg, at)
+            by_sym.update({g: low.gathers[g] for g in at.values()})
+            for d in scalar_deps(definition):
+                add(d.sym, a * sympy.diff(definition, d.sym))
+            continue
+        weight = _weight(s)
+        for d in scalar_deps(s.arg):
+            if d is s:
+                continue
+            partial = sympy.diff(s.arg, d.sym)
+            if partial != 0:
+                total = low.lower(RowSum(weight * partial), aux=True)
+                add(d.sym, a * total)
+    prog.scalars = low.scalars
+    prog.gathers = low.gathers
+    prog.adjoints = {by_sym[sym].n: e for sym, e in adj.items()}
+    for name in wrt:
+        x = next(sym for sym, n in elements.items() if n == name)
+        g = sympy.S.Zero
+        for s in primaries:
+            if s.kind in ("sum", "lse") and s.sym in adj and x in s.arg.free_symbols:
+                g += adj[s.sym] * _weight(s) * sympy.diff(s.arg, x)
+        for gsym, gs in low.gathers.items():
+            if gs.source == name and gsym in adj:
+                g += sympy.Piecewise((adj[gsym], sympy.Eq(J, gs.index)), (0, True))
+        prog.grads[name] = g
+    return prog
+
+
+def _weight(s: Scalar):
+    """d r / d e_j of a sum or logsumexp reduction."""
+    return sympy.S.One if s.kind == "sum" else sympy.exp(s.arg - s.shift - s.sym)
+
+
+def _input_index(elements: dict, x) -> int:
+    return list(elements).index(x)
+
+
+# --------------------------------------------------------------------------- passes
+
+
+@dataclass(frozen=True)
+class Step:
+    """One accumulation in a pass: role 'sum', 'max', 'min', 'lse_max' (the shift and its
+    argmax) or 'lse_tail' (the sum of exp(e_j - m) over j != argmax)."""
+
+    scalar: Scalar
+    role: str
+
+
+@dataclass
+class Plan:
+    """What a kernel computes per row, in order: gathers at class indices, then passes over
+    the row, each followed by the gathers at argmaxes it found."""
+
+    pre: list  # gather Scalars read before the first pass
+    passes: list  # of lists of Step
+    after: list  # per pass, the gather Scalars read once it is done
+
+
+def plan(prog: RowProgram, outputs: list) -> Plan:
+    """The passes needed to evaluate `outputs` (expressions of row scalars): each reduction
+    runs in the first pass after everything it reads is known."""
+    by_sym = {}
+    for s in prog.scalars:
+        by_sym[s.sym] = s
+        if s.shift is not None:
+            by_sym[s.shift] = s
+
+    needed: dict = {}  # Scalar.n -> Scalar, in discovery order
+    stack = [x for e in outputs for x in e.free_symbols if x in by_sym]
+    while stack:
+        s = by_sym[stack.pop()]
+        if s.n in needed:
+            continue
+        needed[s.n] = s
+        if s.arg is not None:
+            stack += [x for x in s.arg.free_symbols if x in by_sym]
+        if s.kind == "gather" and s.index.name.startswith("jm"):
+            stack.append(next(t.sym for t in prog.scalars if t.argmax == s.index))
+
+    ready: dict = {}  # symbol -> pass after which it is known
+
+    def when(s: Scalar) -> int:
+        if s.sym in ready:
+            return ready[s.sym]
+        if s.kind == "gather":
+            owner = next((t for t in prog.scalars if t.argmax == s.index), None)
+            ready[s.sym] = when(owner) if owner is not None and owner.kind != "lse" else 0
+            return ready[s.sym]
+        deps = [by_sym[x] for x in s.arg.free_symbols if x in by_sym and by_sym[x] is not s]
+        p = 1 + max([_known(d, x, when) for d in deps for x in s.arg.free_symbols
+                     if by_sym.get(x) is d], default=0)
+        if s.kind == "lse":
+            ready[s.shift] = p
+            ready[s.sym] = p + 1
+        else:
+            ready[s.sym] = p
+        return ready[s.sym]
+
+    for s in needed.values():
+        when(s)
+    n_passes = max((ready[s.sym] for s in needed.values()), default=0)
+    passes: list = [[] for _ in range(n_passes)]
+    after: list = [[] for _ in range(n_passes)]
+    pre = []
+    for s in sorted(needed.values(), key=lambda s: s.n):
+        if s.kind == "gather":
+            (after[ready[s.sym] - 1] if ready[s.sym] else pre).append(s)
+        elif s.kind == "lse":
+            passes[ready[s.shift] - 1].append(Step(s, "lse_max"))
+            passes[ready[s.sym] - 1].append(Step(s, "lse_tail"))
+        else:
+            passes[ready[s.sym] - 1].append(Step(s, s.kind))
+    return Plan(pre=pre, passes=passes, after=after)
+
+
+def _known(dep: Scalar, sym, when) -> int:
+    """The pass after which `sym` (a row scalar, or an lse's shift) is known."""
+    t = when(dep)
+    return t - 1 if dep.kind == "lse" and sym == dep.shift else t

@@ -1,0 +1,253 @@
+"""Stabilize stage: rewrite naive elementwise math into stable nodes and precise libm calls.
+
+Rules, in the order they run (u is any expression, k any number; sympy's argument order
+does not matter, and a match anywhere inside the expression is rewritten):
+
+  phase "to-stable-nodes", repeated until nothing changes:
+    sigmoid-ratio    exp(u)/(1 + exp(u)) -> sigmoid(u)        (and exp(u)*sigmoid(-u))
+    sigmoid          1/(1 + exp(-u)) -> sigmoid(u)
+    softplus         log(1 + exp(u)) -> softplus(u)            (and log1p(exp(u)))
+    log-sigmoid      log(sigmoid(u)) -> -softplus(-u)
+    log-1m-sigmoid   log(1 - sigmoid(u)) -> -softplus(u)
+    logcosh          log(cosh(u)) -> logcosh(u)
+  phase "precision", repeated until nothing changes:
+    sigmoid-minus-1  k*sigmoid(u) - k -> -k*sigmoid(-u)        (sigmoid(u) - 1 -> -sigmoid(-u))
+    expm1            k*exp(u) - k -> k*expm1(u)                (exp(u) - 1 -> expm1(u))
+    log1p            log(1 + u) -> log1p(u)                    (u one non-constant term, not exp)
+
+Every rule is an identity, so a rewrite never changes the value, only how it is computed.
+The phases are ordered because the precision rules would otherwise eat the patterns of the
+stability rules: log(1 + exp(u)) -> log1p(exp(u)) is more precise near 0 but still
+overflows above u = 710, and sympy's own log1p_opt even turns log(1 + exp(-u)) into
+-u + log1p(exp(u)) (NUMERICS.md). Here the overflow-prone shapes become stable nodes
+(functions.py) first, and only what is left gets log1p/expm1. The first phase runs to a
+fixed point because one rewrite exposes another: log(1/(1 + exp(-u))) becomes
+log(sigmoid(u)), then -softplus(-u).
+
+log1p takes a single term only: 1 - p + eps is computed as (1 - p) + eps on purpose (the
+printer keeps that order), and log1p(eps - p) would lose eps in float32 at p = 1.
+
+Other stages add their own rules to a phase without editing this file:
+`stabilize(expr, extra={"to-stable-nodes": [Rule(...)]})`; build rules with `local_rule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import sympy
+from sympy.codegen.cfunctions import expm1, log1p
+
+from .functions import LogCosh, Sigmoid, Softplus
+
+MAX_ROUNDS = 20  # a phase that still changes the expression after this many rounds is a bug
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named rewrite, documented as `before -> after`.
+
+    apply(expr, report=None) -> expr rewrites every match; it calls report(matched,
+    replacement) for each subexpression it rewrote.
+    """
+
+    name: str
+    before: str
+    after: str
+    apply: Callable
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    rules: tuple  # of Rule, applied in order, the whole list repeated to a fixed point
+
+
+def rewrite_bottom_up(expr, rewrite: Callable, report: Callable | None = None):
+    """`expr` with rewrite(node) -> replacement-or-None tried on every Expr node, children
+    first (so a replacement is matched with its arguments already rewritten). Each distinct
+    subexpression is visited once."""
+    memo: dict = {}
+
+    def walk(node):
+        if node in memo:
+            return memo[node]
+        out = node
+        if node.args:
+            args = tuple(walk(a) for a in node.args)
+            if args != node.args:
+                out = node.func(*args)
+        if isinstance(out, sympy.Expr):
+            new = rewrite(out)
+            if new is not None and new != out:
+                if report is not None:
+                    report(out, new)
+                out = new
+        memo[node] = out
+        return out
+
+    return walk(sympy.sympify(expr))
+
+
+def local_rule(name: str, before: str, after: str, rewrite: Callable) -> Rule:
+    """A Rule from a one-node rewrite: rewrite(node) -> replacement, or None for no match."""
+
+    def apply(expr, report=None):
+        return rewrite_bottom_up(expr, rewrite, report)
+
+    return Rule(name, before, after, apply)
+
+
+# --------------------------------------------------------------------------- matching helpers
+
+
+def _one_plus(expr):
+    """u if `expr` is 1 + u for a single term u, else None."""
+    c, terms = expr.as_coeff_add()
+    return terms[0] if c == 1 and len(terms) == 1 else None
+
+
+def _sigmoid_arg(factor):
+    """w if `factor` is sigmoid(w) or 1/(1 + exp(-w)), else None."""
+    if isinstance(factor, Sigmoid):
+        return factor.args[0]
+    if factor.is_Pow and factor.exp == -1:
+        e = _one_plus(factor.base)
+        if isinstance(e, sympy.exp):
+            return -e.args[0]
+    return None
+
+
+def _complement(kind: type, replace: Callable):
+    """A rewrite of an Add holding k*f(u) and the constant -k: both terms become
+    replace(k, u), the other terms stay."""
+
+    def rewrite(node):
+        if not node.is_Add:
+            return None
+        c, terms = node.as_coeff_add()
+        for i, term in enumerate(terms):
+            k, f = term.as_coeff_Mul()
+            if isinstance(f, kind) and c == -k:
+                return sympy.Add(*terms[:i], *terms[i + 1:], replace(k, f.args[0]))
+        return None
+
+    return rewrite
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def _sigmoid_ratio(node):
+    # exp(-w) * sigmoid(w) = 1/(e^w + 1) = sigmoid(-w); with w = -u: exp(u)/(1 + exp(u)).
+    if not node.is_Mul:
+        return None
+    factors = list(node.args)
+    for i, f in enumerate(factors):
+        w = _sigmoid_arg(f)
+        if w is None:
+            continue
+        for j, g in enumerate(factors):
+            if isinstance(g, sympy.exp) and g.args[0] == -w:
+                rest = [h for n, h in enumerate(factors) if n not in (i, j)]
+                return sympy.Mul(*rest, Sigmoid(-w))
+    return None
+
+
+def _sigmoid(node):
+    w = _sigmoid_arg(node) if node.is_Pow else None
+    return None if w is None else Sigmoid(w)
+
+
+def _softplus(node):
+    if isinstance(node, sympy.log):
+        e = _one_plus(node.args[0])
+    elif isinstance(node, log1p):
+        e = node.args[0]
+    else:
+        return None
+    return Softplus(e.args[0]) if isinstance(e, sympy.exp) else None
+
+
+def _log_sigmoid(node):
+    if isinstance(node, sympy.log) and isinstance(node.args[0], Sigmoid):
+        return -Softplus(-node.args[0].args[0])
+    return None
+
+
+def _log_one_minus_sigmoid(node):
+    if isinstance(node, sympy.log):
+        t = _one_plus(node.args[0])
+        if t is not None and isinstance(-t, Sigmoid):
+            return -Softplus((-t).args[0])
+    return None
+
+
+def _logcosh(node):
+    if isinstance(node, sympy.log) and isinstance(node.args[0], sympy.cosh):
+        return LogCosh(node.args[0].args[0])
+    return None
+
+
+def _log1p(node):
+    if isinstance(node, sympy.log):
+        u = _one_plus(node.args[0])
+        if u is not None and not u.is_number and not isinstance(u, sympy.exp):
+            return log1p(u)
+    return None
+
+
+PHASES = (
+    Phase("to-stable-nodes", (
+        local_rule("sigmoid-ratio", "exp(u)/(1 + exp(u))", "sigmoid(u)", _sigmoid_ratio),
+        local_rule("sigmoid", "1/(1 + exp(-u))", "sigmoid(u)", _sigmoid),
+        local_rule("softplus", "log(1 + exp(u))", "softplus(u)", _softplus),
+        local_rule("log-sigmoid", "log(sigmoid(u))", "-softplus(-u)", _log_sigmoid),
+        local_rule("log-1m-sigmoid", "log(1 - sigmoid(u))", "-softplus(u)", _log_one_minus_sigmoid),
+        local_rule("logcosh", "log(cosh(u))", "logcosh(u)", _logcosh),
+    )),
+    Phase("precision", (
+        local_rule("sigmoid-minus-1", "k*sigmoid(u) - k", "-k*sigmoid(-u)",
+                   _complement(Sigmoid, lambda k, u: -k * Sigmoid(-u))),
+        local_rule("expm1", "k*exp(u) - k", "k*expm1(u)",
+                   _complement(sympy.exp, lambda k, u: k * expm1(u))),
+        local_rule("log1p", "log(1 + u)", "log1p(u)", _log1p),
+    )),
+)
+PHASE_NAMES = tuple(p.name for p in PHASES)
+RULES = {r.name: r for p in PHASES for r in p.rules}
+
+
+def stabilize(expr, phases: Sequence[str] = PHASE_NAMES,
+              extra: Mapping[str, Iterable[Rule]] | None = None):
+    """Run the named phases, in PHASES order, each to a fixed point.
+
+    extra maps a phase name to more rules, run after that phase's own. Returns
+    (expr, fired): fired holds (rule name, matched text, replacement text) per rewrite, in
+    the order they happened.
+    """
+    phases = (phases,) if isinstance(phases, str) else tuple(phases)
+    extra = dict(extra or {})
+    unknown = (set(phases) | set(extra)) - set(PHASE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown stabilize phase(s) {sorted(unknown)} "
+                         f"(known: {', '.join(PHASE_NAMES)})")
+    fired: list = []
+    for phase in PHASES:
+        if phase.name not in phases:
+            continue
+        rules = (*phase.rules, *extra.get(phase.name, ()))
+        for _ in range(MAX_ROUNDS):
+            before = expr
+            for rule in rules:
+                def report(old, new, name=rule.name):
+                    fired.append((name, str(old), str(new)))
+
+                expr = rule.apply(expr, report)
+            if expr == before:
+                break
+        else:
+            raise RuntimeError(f"internal: stabilize phase '{phase.name}' did not settle "
+                               f"after {MAX_ROUNDS} rounds on {expr}")
+    return expr, tuple(fired)
