@@ -361,7 +361,7 @@ def row_kernel(spec, variant, ctype: CType, mode: str) -> dict:
             row_temps.append((t, e))
     row_lines = _print_block(ctype, row_temps, [("val", reduced[0])])
     k = {
-        "mode": mode, "ctype": ctype, "grad": grad, "variant": variant.key,
+        "ctype": ctype, "grad": grad,
         "inputs": [{"name": i.name, "kind": variant.kinds[i.name], "ignore": i.ignore}
                    for i in spec.inputs],
         "pre": gathers(steps.pre), "passes": passes,
@@ -421,7 +421,8 @@ def runtime_meta(sym: SymbolicLoss) -> dict:
         "kernels": {v.key: {"options": v.options, "notes": list(v.notes), "kinds": v.kinds,
                             "names": {f"{mode}_{c.numpy}": kernel_name(spec.name, v.key, mode, c)
                                       for mode in modes for c in DTYPES},
-                            "gradient": [str(g) for g in v.grads], "hessian": str(v.hess)}
+                            "gradient": [str(g) for g in v.grads],
+                            "hessian": None if v.hess is None else str(v.hess)}
                     for v in sym.variants},
         "examples": [{"inputs": e.inputs, "options": e.options, "loss": e.loss, "grad": e.grad,
                       "where": str(e.loc)} for e in spec.examples],

@@ -69,7 +69,6 @@ def _derive_row(spec, options, symbols) -> SymbolicVariant:
     fired = list(fired)
     prog = derive_row(loss, elements, row.gathers, wrt)
     prog.value = _tidied(prog.value, fired)
-    prog.adjoints = {n: _tidied(a, fired) for n, a in prog.adjoints.items()}
     prog.grads = {n: _tidied(g, fired) for n, g in prog.grads.items()}
     return SymbolicVariant(key=variant_key(options), options=dict(options), value=prog.value,
                            grads=tuple(prog.grads[n] for n in wrt), hess=None, program=prog,
@@ -77,8 +76,11 @@ def _derive_row(spec, options, symbols) -> SymbolicVariant:
 
 
 def _tidied(expr, fired: list):
-    """tidy, then the precision rewrites again (sigmoid(x) - 1 turns up in derivatives);
-    what fires is appended to `fired`."""
+    """The precision rewrites on a raw derivative (x**g/x is still one product there), tidy,
+    then the precision rewrites again (sigmoid(x) - 1 turns up once kinks are tidied); what
+    fires is appended to `fired`."""
+    expr, more = stabilize(expr, phases=("precision",))
+    fired.extend(more)
     expr, more = stabilize(tidy(expr), phases=("precision",))
     fired.extend(more)
     return expr

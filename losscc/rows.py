@@ -151,7 +151,6 @@ class Scalar:
     argmax: sympy.Symbol | None = None  # max, min, lse: index symbol jm<n>
     source: str | None = None  # gathers: the row input read
     index: sympy.Symbol | None = None  # gathers: the index symbol (i_<input> or jm<n>)
-    aux: bool = False  # a reduction only the gradient needs
 
     @property
     def value(self):
@@ -186,22 +185,22 @@ class Lowering:
         self.gathers[sym] = s
         return s
 
-    def lower(self, expr, aux=False):
+    def lower(self, expr):
         """`expr` with every reduction replaced by its row scalar (inner ones first)."""
         if isinstance(expr, RowReduction):
-            arg = self.lower(expr.args[0], aux)
+            arg = self.lower(expr.args[0])
             key = (type(expr), arg)
             if key not in self.cache:
-                self.cache[key] = self.new_reduction(expr.kind, arg, aux)
+                self.cache[key] = self.new_reduction(expr.kind, arg)
             return self.cache[key].value
         if not expr.args:
             return expr
-        args = [self.lower(a, aux) for a in expr.args]
+        args = [self.lower(a) for a in expr.args]
         return expr.func(*args) if args != list(expr.args) else expr
 
-    def new_reduction(self, kind, arg, aux) -> Scalar:
+    def new_reduction(self, kind, arg) -> Scalar:
         n = len(self.scalars)
-        s = Scalar(n, kind, sympy.Symbol(f"r{n}", real=True), arg=arg, aux=aux)
+        s = Scalar(n, kind, sympy.Symbol(f"r{n}", real=True), arg=arg)
         if kind == "lse":
             s.shift = sympy.Symbol(f"m{n}", real=True)
         if kind in ("max", "min", "lse"):
@@ -258,7 +257,7 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
                 continue
             partial = sympy.diff(s.arg, d.sym)
             if partial != 0:
-                total = low.lower(RowSum(weight * partial), aux=True)
+                total = low.lower(RowSum(weight * partial))  # a sum only the gradient reads
                 add(d.sym, a * total)
     prog.scalars = low.scalars
     prog.gathers = low.gathers
@@ -269,9 +268,15 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
         for s in primaries:
             if s.kind in ("sum", "lse") and s.sym in adj and x in s.arg.free_symbols:
                 g += adj[s.sym] * _weight(s) * sympy.diff(s.arg, x)
-        for gsym, gs in low.gathers.items():
-            if gs.source == name and gsym in adj:
-                g += sympy.Piecewise((adj[gsym], sympy.Eq(J, gs.index)), (0, True))
+        picks = [(adj[gsym], sympy.Eq(J, gs.index)) for gsym, gs in low.gathers.items()
+                 if gs.source == name and gsym in adj]
+        if len(picks) == 1:
+            # The whole gradient in each branch, so that at the labelled class the precision
+            # rules see softmax - 1 and make it -expm1 (no cancellation when p is near 1).
+            (a, cond), = picks
+            g = sympy.Piecewise((g + a, cond), (g, True))
+        else:  # several gathers may hit the same class: their terms add up
+            g += sum((sympy.Piecewise((a, c), (0, True)) for a, c in picks), sympy.S.Zero)
         prog.grads[name] = g
     return prog
 

@@ -200,6 +200,11 @@ class Loss:
         bound.apply_defaults()
         a = bound.arguments
         self.params = {p["name"]: self._check_param(p, a[p["name"]]) for p in self._meta["params"]}
+        for inp in self._meta["inputs"]:  # a class to ignore is compared with int64 labels
+            value = self.params.get(inp.get("ignore"))
+            if value is not None and not (value.is_integer() and abs(value) < 2.0**53):
+                raise ValueError(f"{self._display}: {inp['ignore']} must be an integer "
+                                 f"(|value| < 2**53), got {value!r}")
         self.options = {v["name"]: self._check_variant(v, a[v["name"]]) for v in self._meta["variants"]}
         weight = 1.0 if a["weight"] is None else a["weight"]
         try:
@@ -395,20 +400,23 @@ class Loss:
         ptype = _POINTER[dtype]
         ffi = self._ffi
         keep: list = []
-        arrays = [(first, pred, shape)]  # (name, array as given or broadcast, shape given)
+        # (name, array as the kernel reads it, (shape given, shape broadcast from))
+        arrays = [(first, pred, (shape, shape))]
         args = [nb, nf, nc, *layout.operand3(ffi, ptype, pred, keep)]
-        for i, inp in enumerate(self._inputs[1:]):
+        for inp in self._inputs[1:]:
             name, kind = inp["name"], self._kinds[inp["name"]]
             value = a.get(name)
             if kind == "row":
-                arr, orig = self._row_input(name, value, inp["default"], dtype, layout, first=(i == 0))
+                arr, orig = self._row_input(name, value, inp["default"], dtype, layout,
+                                            like_pred=inp["default"] is None)
                 args += layout.operand3(ffi, ptype, arr, keep)
             else:
-                arr, orig = self._per_row(name, value, inp["default"], dtype, layout, index=(kind == "index"))
+                arr, given = self._per_row(name, value, inp["default"], dtype, layout, index=(kind == "index"))
                 args += layout.operand2(ffi, "int64_t *" if kind == "index" else ptype, arr, keep)
+                orig = (given, given)
             arrays.append((name, arr, orig))
         sw, _ = self._per_row("sample_weight", a.get("sample_weight"), 1.0, dtype, layout, index=False)
-        arrays.append(("sample_weight", sw, None))
+        arrays.append(("sample_weight", sw, ((), ())))
         args += layout.operand2(ffi, ptype, sw, keep)
         args += list(self.params.values())
 
@@ -454,23 +462,26 @@ class Loss:
             else:
                 value = dtype.type(result)
         grads = None
-        if gouts:
-            grads = tuple(_unbroadcast(gouts[n].arr, orig) for n, _, orig in arrays if n in gouts)
+        if gouts:  # summed over the axes each input was broadcast along, in the caller's shape
+            grads = tuple(_unbroadcast(_unbroadcast(gouts[n].arr, placed), given)
+                          for n, _, (given, placed) in arrays if n in gouts)
             grads = grads[0] if len(grads) == 1 else grads
         return value, grads, None
 
-    def _row_input(self, name, value, default, dtype, layout, first):
-        """A vector along the class axis, broadcast to the prediction's shape. A 1-D array of
-        the class count lies along the class axis (per-class weights), whatever its position."""
+    def _row_input(self, name, value, default, dtype, layout, like_pred):
+        """A vector along the class axis, broadcast to the prediction's shape; returns it and
+        (the shape given, the shape it was broadcast from). A required input with as many
+        elements as pred is reshaped like pred (Gluon); a 1-D array of the class count lies
+        along the class axis (per-class weights), whatever its position."""
         if value is None:
-            return np.full((), default, dtype), ()
+            return np.full((), default, dtype), ((), ())
         arr = _as_numeric(value, name, dtype, self._display)
-        orig = arr.shape
-        if first and arr.size == math.prod(layout.shape) and arr.shape != layout.shape:
-            arr = arr.reshape(layout.shape)  # Gluon reshapes the label like pred
+        given = arr.shape
+        if like_pred and arr.size == math.prod(layout.shape) and arr.shape != layout.shape:
+            arr = arr.reshape(layout.shape)
         elif arr.ndim == 1 and layout.axis is not None and len(layout.shape) > 1 and arr.shape[0] == layout.nc:
             arr = arr.reshape([layout.nc if i == layout.axis else 1 for i in range(len(layout.shape))])
-        return _broadcast(self._display, name, arr, layout.shape), orig
+        return _broadcast(self._display, name, arr, layout.shape), (given, arr.shape)
 
     def _per_row(self, name, value, default, dtype, layout, index):
         """One number per row, broadcast to the rows' shape (the prediction's without its class
@@ -622,12 +633,15 @@ class _RowLayout:
         idx = tuple(rest[:self.rows_bax]) + (b,) + tuple(rest[self.rows_bax:])
         flat = int(np.ravel_multi_index(idx, self.rows_shape)) if self.rows_shape else 0
         names = [i["name"] for i in inputs if kinds.get(i["name"]) == "index"]
-        name = names[0]
+        name, given = names[0], None
         for n in names:  # the input whose class at this row is the reported one
-            arr = next(arr for m, arr, _ in arrays if m == n)
+            arr, (given, _) = next((arr, orig) for m, arr, orig in arrays if m == n)
             if int(arr[idx]) == value:
                 name = n
                 break
+        if given is not None and len(given) == len(self.shape) and self.axis is not None:
+            idx = idx[:self.axis] + (0,) + idx[self.axis:]  # a label with the class axis kept
+            flat = int(np.ravel_multi_index(idx, given))
         ignore = next((i["ignore"] for i in inputs if i["name"] == name), None)
         hint = f" (and not {params[ignore]:g}, the ignore_index)" if ignore else ""
         return (f"{self.who}: {name}[{', '.join(map(str, idx))}] (flat position {flat}) = {value} is "

@@ -12,8 +12,10 @@ does not matter, and a match anywhere inside the expression is rewritten):
     logcosh          log(cosh(u)) -> logcosh(u)
   phase "precision", repeated until nothing changes:
     sigmoid-minus-1  k*sigmoid(u) - k -> -k*sigmoid(-u)        (sigmoid(u) - 1 -> -sigmoid(-u))
-    expm1            k*exp(u) - k -> k*expm1(u)                (exp(u) - 1 -> expm1(u))
+    expm1            k*exp(u) - k -> k*expm1(u)                (exp(u) - 1 -> expm1(u);
+                                                                softmax - onehot at the label)
     log1p            log(1 + u) -> log1p(u)                    (u one non-constant term, not exp)
+    power-quotient   x**g / x -> x**(g - 1)                    (g not an integer: no 0/0 at x = 0)
 
 Every rule is an identity, so a rewrite never changes the value, only how it is computed.
 The phases are ordered because the precision rules would otherwise eat the patterns of the
@@ -119,18 +121,45 @@ def _sigmoid_arg(factor):
     return None
 
 
+def _spread(term):
+    """`term` with its first sum factor multiplied out ((a + b)*exp(u) -> [a*exp(u),
+    b*exp(u)]), one level only: nothing inside a or b is multiplied out."""
+    factors = sympy.Mul.make_args(term)
+    for n, f in enumerate(factors):
+        if f.is_Add:
+            rest = sympy.Mul(*factors[:n], *factors[n + 1:])
+            return [rest * a for a in f.args]
+    return [term]
+
+
 def _complement(kind: type, replace: Callable):
-    """A rewrite of an Add holding k*f(u) and the constant -k: both terms become
-    replace(k, u), the other terms stay."""
+    """A rewrite of an Add holding k*f(u) and -k, for any factor k (a number, or an
+    expression such as a class weight): both terms become replace(k, u), the other terms
+    stay. A term (a + b)*f(u) is also tried as a*f(u) + b*f(u) (softmax - onehot at the
+    label comes as (w + ...)*exp(u) - w); the other terms are never multiplied out."""
+
+    def pair(piece, terms):
+        factors = sympy.Mul.make_args(piece)
+        for n, f in enumerate(factors):
+            if isinstance(f, kind):
+                k = sympy.Mul(*factors[:n], *factors[n + 1:])
+                if -k in terms:
+                    return k, f.args[0]
+        return None
 
     def rewrite(node):
         if not node.is_Add:
             return None
-        c, terms = node.as_coeff_add()
+        terms = list(node.args)
         for i, term in enumerate(terms):
-            k, f = term.as_coeff_Mul()
-            if isinstance(f, kind) and c == -k:
-                return sympy.Add(*terms[:i], *terms[i + 1:], replace(k, f.args[0]))
+            for pieces in ([term], _spread(term)):
+                for p, piece in enumerate(pieces):
+                    found = pair(piece, terms[:i] + terms[i + 1:])
+                    if found:
+                        k, u = found
+                        others = terms[:i] + terms[i + 1:]
+                        others.remove(-k)
+                        return sympy.Add(*others, *pieces[:p], *pieces[p + 1:], replace(k, u))
         return None
 
     return rewrite
@@ -190,6 +219,26 @@ def _logcosh(node):
     return None
 
 
+def _power_quotient(node):
+    """x**g / x -> x**(g - 1) (and x**g / (-x) -> -x**(g - 1)) for a non-integer power g:
+    sympy's derivative of x**g is g*x**g/x, which is 0/0 = NaN at x = 0 where the true
+    value (g > 1) is 0."""
+    if not node.is_Mul:
+        return None
+    factors = list(node.args)
+    for i, f in enumerate(factors):
+        if not (f.is_Pow and not f.exp.is_Integer):
+            continue
+        for j, d in enumerate(factors):
+            if j == i or not (d.is_Pow and d.exp == -1):
+                continue
+            sign = 1 if d.base == f.base else -1 if d.base == -f.base else 0
+            if sign:
+                rest = [h for n, h in enumerate(factors) if n not in (i, j)]
+                return sympy.Mul(sign, *rest, sympy.Pow(f.base, f.exp - 1))
+    return None
+
+
 def _log1p(node):
     if isinstance(node, sympy.log):
         u = _one_plus(node.args[0])
@@ -213,6 +262,7 @@ PHASES = (
         local_rule("expm1", "k*exp(u) - k", "k*expm1(u)",
                    _complement(sympy.exp, lambda k, u: k * expm1(u))),
         local_rule("log1p", "log(1 + u)", "log1p(u)", _log1p),
+        local_rule("power-quotient", "x**g / x", "x**(g - 1)", _power_quotient),
     )),
 )
 PHASE_NAMES = tuple(p.name for p in PHASES)

@@ -74,7 +74,11 @@ def test_cross_entropy_lowers_to_logsumexp_and_a_gather():
     x = sympy.Symbol("x_pred", real=True)
     softmax = sympy.exp(x - lse.shift - lse.sym)
     onehot = sympy.Piecewise((1, sympy.Eq(J, gather.index)), (0, True))
-    assert sympy.simplify(v.grads[0] - (softmax - onehot)) == 0
+    from sympy.codegen.cfunctions import expm1
+
+    grad = v.grads[0].replace(lambda e: isinstance(e, expm1), lambda e: sympy.exp(e.args[0]) - 1)
+    assert sympy.simplify(grad - (softmax - onehot)) == 0
+    assert v.grads[0].has(expm1)  # softmax - 1 at the label: no cancellation when p is near 1
     steps = plan(prog, [v.value, v.grads[0]])
     assert [[st.role for st in p] for p in steps.passes] == [["lse_max"], ["lse_tail"]]
     assert [g.sym for g in steps.pre] == [gather.sym]
@@ -269,3 +273,121 @@ def test_wrt_selects_opt_in_gradients(losses):
 def test_bad_row_specs(text, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         derive(parse_spec(text, "bad.yaml"))
+
+
+# --------------------------------------------------------------------------- the row rules
+# Each rule three ways (it fires, it is exact where the naive form is fine, it is right
+# where the naive form overflows) and a near miss left alone. The overflow half is
+# test_naive_cross_entropy_compiles_to_the_stable_kernel (logits of 1e4).
+
+X = sympy.Symbol("x_pred", real=True)
+G = sympy.Symbol("xg0_1", real=True)
+
+
+def _stabilized(expr):
+    from losscc.rows import ROW_RULES
+    from losscc.stabilize import stabilize
+
+    return stabilize(expr, extra={"to-stable-nodes": ROW_RULES})
+
+
+def test_rule_log_sum_exp_fires():
+    from losscc.rows import LogSumExp, RowSum
+
+    out, fired = _stabilized(sympy.log(RowSum(sympy.exp(2 * X))) - G)
+    assert out == LogSumExp(2 * X) - G
+    assert [f[0] for f in fired] == ["log-sum-exp"]
+
+
+def test_rule_log_of_product_fires():
+    from losscc.rows import LogSumExp, RowSum
+
+    out, fired = _stabilized(-sympy.log(sympy.exp(G) / RowSum(sympy.exp(X))))
+    assert out == LogSumExp(X) - G
+    assert [f[0] for f in fired] == ["log-of-product", "log-sum-exp"]
+
+
+@pytest.mark.parametrize("text", [
+    "log(sum(exp(pred)) + 1)",       # not a bare sum of exps
+    "log(sum(2 * exp(pred)))",       # a sum of scaled exps (exact, but not this rule's shape)
+    "log(sum(exp(pred) + pred))",
+    "log(sum(pred * pred))",
+])
+def test_row_rules_near_misses_are_left_alone(text):
+    from losscc.expr import parse_spec_math, symbols_for
+
+    spec = parse_spec(CE_HEAD.replace("  label: {index_into: pred}\n", "") + f"loss: {text}\n")
+    parsed, _ = parse_spec_math(spec, {}, symbols_for(spec))
+    from losscc.rows import LogSumExp
+
+    out, fired = _stabilized(parsed)
+    assert not [f for f in fired if f[0] in ("log-sum-exp", "log-of-product")]
+    assert not out.has(LogSumExp)  # (log(s + 1) may still become log1p(s): another rule)
+
+
+def test_row_rules_are_exact_where_the_naive_form_is_fine(naive_ce):
+    """At moderate logits the rewritten kernels agree with mpmath (50 digits) evaluating the
+    naive formula as written."""
+    import mpmath
+
+    mod, _ = naive_ce
+    x = np.array([[0.5, -1.25, 2.0, 0.0], [3.0, 3.0, -2.0, 1.5]])
+    y = np.array([1, 3])
+    with mpmath.workdps(50):
+        truth = [float(mpmath.log(sum(mpmath.exp(mpmath.mpf(v)) for v in row)) - mpmath.mpf(row[k]))
+                 for row, k in zip(x, y)]
+    for i in (1, 2):  # the forms that need the rules
+        np.testing.assert_allclose(getattr(mod, f"ce{i}")()(x, y), truth, rtol=2 * EPS[np.float64])
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def test_per_class_row_input_gradient_with_the_class_axis_inside(losses):
+    """A (C,) target lies along the class axis wherever it is; its gradient is summed back
+    to (C,) over every other axis. Reference by hand: d/dq of mean_c q (log q - x), summed
+    over the 2 x 3 rows, over the 3 classes of each row: (log q + 1 - x) / 3 / (rows per
+    sample = 3), summed over samples and rows."""
+    rng = np.random.default_rng(1)
+    x = np.log(rng.dirichlet(np.ones(3), (2, 4)).transpose(0, 2, 1))  # (N, C, d) = (2, 3, 4)
+    q = rng.dirichlet(np.ones(3))
+    _, (gp, gq) = losses.KLDivLoss(axis=1).value_and_grad(x, q, wrt=("pred", "label"))
+    assert gq.shape == (3,)
+    ref = ((np.log(q[None, :, None]) + 1 - x) / 3 / 4).sum(axis=(0, 2))
+    np.testing.assert_allclose(gq, ref, rtol=1e-13)
+
+
+def test_focal_gradient_is_zero_where_p_rounds_to_one(losses):
+    """(1 - p)**gamma * log p: sympy's derivative of x**g is g*x**g/x, 0/0 at p = 1; the
+    power-quotient rule makes it g*x**(g - 1). The loss and the gradient are 0 there."""
+    focal = losses.SoftmaxFocalLoss()
+    for x, dtype in [([[0.0, -np.inf]], np.float64), ([[110.0, 0.0]], np.float32),
+                     ([[800.0, 0.0]], np.float64), ([[3.0]], np.float64)]:
+        v, g = focal.value_and_grad(np.array(x, dtype), np.array([0]))
+        assert v[0] == 0.0 and np.all(g == 0.0), (x, v, g)
+
+
+def test_ignore_index_must_be_an_integer(losses):
+    with pytest.raises(ValueError, match="ignore_index must be an integer"):
+        losses.SoftmaxCrossEntropyLoss(ignore_index=1.5)
+    with pytest.raises(ValueError, match="ignore_index must be an integer"):
+        losses.SoftmaxCrossEntropyLoss(ignore_index=2.0**60)
+
+
+def test_index_error_position_for_a_label_with_the_class_axis_kept(losses):
+    y = np.zeros((2, 1, 3), np.int64)
+    y[1, 0, 2] = 5
+    with pytest.raises(IndexError, match=r"label\[1, 0, 2\] \(flat position 5\) = 5"):
+        losses.SoftmaxCrossEntropyLoss(axis=1)(np.zeros((2, 4, 3)), y)
+
+
+def test_triplet_reshapes_every_input_like_pred(losses):
+    """Gluon reshapes positive and negative like pred when their sizes match."""
+    rng = np.random.default_rng(3)
+    a, p, n = (rng.normal(size=(3, 4, 2)) for _ in range(3))
+    tri = losses.TripletLoss()
+    v, grads = tri.value_and_grad(a, p.reshape(3, 8), n.reshape(3, 8))
+    v0, grads0 = tri.value_and_grad(a, p, n)
+    np.testing.assert_array_equal(v, v0)
+    assert grads[1].shape == grads[2].shape == (3, 8)
+    np.testing.assert_array_equal(grads[2], grads0[2].reshape(3, 8))

@@ -14,7 +14,7 @@ import mpmath
 import numpy as np
 import pytest
 import sympy
-from sympy import cosh, exp, log, tanh
+from sympy import Rational, cosh, exp, log, tanh
 from sympy.codegen.cfunctions import expm1, log1p
 
 import losscc
@@ -76,6 +76,11 @@ FIRES = {
         (1 - exp(u), -expm1(u)),
         (v + exp(2 * u) - 1, v + expm1(2 * u)),
         (3 - 3 * exp(u), -3 * expm1(u)),
+        (v * exp(u) - v, v * expm1(u)),  # any factor k: softmax - onehot with a class weight
+    ],
+    "power-quotient": [  # (x**g)/x of one base sympy combines itself; -x it does not
+        ((-u)**v / u, -(-u)**(v - 1)),
+        (2 * (-u)**Rational(5, 2) / u, -2 * (-u)**Rational(3, 2)),
     ],
     "log1p": [
         (log(1 + u), log1p(u)),
@@ -98,9 +103,10 @@ NEAR_MISSES = {
     "logcosh": [log(2 * cosh(u)), log(cosh(u) + 1), log(sympy.sinh(u)), log(cosh(u) ** 2)],
     "sigmoid-minus-1": [Sigmoid(u) - 2, Sigmoid(u) + 1, v * Sigmoid(u) - 1, Sigmoid(u) - v,
                         2 * Sigmoid(u) - 1],
-    "expm1": [exp(u) - 2, exp(u) + 1, 2 * exp(u) - 1, v * exp(u) - v],
+    "expm1": [exp(u) - 2, exp(u) + 1, 2 * exp(u) - 1, v * exp(u) - 2 * v],
     # log(1 + u + v): 1 - p + eps must stay (1 - p) + eps (see the stabilize docstring)
     "log1p": [log(2 + u), log(1 + u + v), log(1 + exp(u)), log(1 + sympy.pi), log(u)],
+    "power-quotient": [(-u)**v / (u + 1), (-u)**v / v, (-u)**3 / (2 * u)],
 }
 
 # rule -> (before, u where the naive form fails: overflow to inf/nan, or cancellation)
@@ -114,6 +120,7 @@ SURVIVES = {
     "sigmoid-minus-1": (Sigmoid(u) - 1, 40.0),  # 1 - 1 = 0, true -4.2e-18
     "expm1": (exp(u) - 1, 1e-20),  # 1 - 1 = 0, true 1e-20
     "log1p": (log(1 + u), 1e-20),  # log(1) = 0, true 1e-20
+    "power-quotient": ((-u)**Rational(3, 2) / u, -1e-250),  # (1e-250)**1.5 underflows: 0, true -1e-125
 }
 
 
