@@ -345,14 +345,8 @@ class Loss:
                                       reshape_like_pred=(i == 0)))
         arrays.append(self._input("sample_weight", a.get("sample_weight"), 1.0, dtype, shape))
 
-        reduce_mean = self.reduction == "mean"
-        vscale = self.weight / nf if nf else math.nan
-        gscale = vscale / nb if reduce_mean and nb else vscale
-
-        per_sample = want_value and self.reduction == "none"
-        vout = _output(out, "out", (nb,), dtype, arrays, self._display, 0) if per_sample else None
-        if out is not None and not per_sample:
-            raise ValueError(f"{self._display}: out= holds per-sample values and needs reduction='none'")
+        vscale, gscale = self._scales(nb, nf)
+        vout = self._value_out(out, want_value, nb, dtype, arrays)
         gouts = []
         if "g" in mode:
             given = _as_tuple(grad_out, len(wanted), "grad_out", self._display)
@@ -370,14 +364,7 @@ class Loss:
         elif vout is not None and nb:
             vout.arr.fill(np.nan)  # the mean over zero features
 
-        value = None
-        if want_value:
-            if self.reduction == "none":
-                value = vout.arr
-            elif reduce_mean:
-                value = dtype.type(total / nb if nb else math.nan)
-            else:
-                value = dtype.type(total)
+        value = self._value(want_value, vout, total, nb, dtype)
         grads = None
         if gouts:
             shapes = [orig for name, _, orig in arrays if name in self._diff]
@@ -385,6 +372,30 @@ class Loss:
                           if name in wanted)
             grads = grads[0] if len(grads) == 1 else grads
         return value, grads, (hout.arr if hout is not None else None)
+
+    # -- shared by the elementwise and the row paths ---------------------------
+
+    def _scales(self, nb, nf):
+        """(vscale, gscale): the per-sample mean over nf elements or rows times weight, and
+        the gradients' scale (divided by the batch for reduction='mean')."""
+        vscale = self.weight / nf if nf else math.nan
+        return vscale, (vscale / nb if self.reduction == "mean" and nb else vscale)
+
+    def _value_out(self, out, want_value, nb, dtype, arrays):
+        """The per-sample output buffer (reduction='none'), or None."""
+        per_sample = want_value and self.reduction == "none"
+        if out is not None and not per_sample:
+            raise ValueError(f"{self._display}: out= holds per-sample values and needs reduction='none'")
+        return _output(out, "out", (nb,), dtype, arrays, self._display, 0) if per_sample else None
+
+    def _value(self, want_value, vout, total, nb, dtype):
+        if not want_value:
+            return None
+        if self.reduction == "none":
+            return vout.arr
+        if self.reduction == "mean":
+            return dtype.type(total / nb if nb else math.nan)
+        return dtype.type(total)
 
     def _run_rows(self, mode, a, out, grad_out, want_value, wanted):
         """The row-loss path: rows along `axis`, Gluon's weighting over the rows of a sample."""
@@ -420,12 +431,8 @@ class Loss:
         args += layout.operand2(ffi, ptype, sw, keep)
         args += list(self.params.values())
 
-        vscale = self.weight / nf if nf else math.nan
-        gscale = vscale / nb if self.reduction == "mean" and nb else vscale
-        per_sample = want_value and self.reduction == "none"
-        if out is not None and not per_sample:
-            raise ValueError(f"{who}: out= holds per-sample values and needs reduction='none'")
-        vout = _output(out, "out", (nb,), dtype, arrays, who, 0) if per_sample else None
+        vscale, gscale = self._scales(nb, nf)
+        vout = self._value_out(out, want_value, nb, dtype, arrays)
         gouts = {}
         if "g" in mode:
             given = _as_tuple(grad_out, len(wanted), "grad_out", who)
@@ -453,14 +460,7 @@ class Loss:
                     o.finish()
         elif vout is not None and nb:
             vout.arr.fill(np.nan)  # the mean over zero rows
-        value = None
-        if want_value:
-            if self.reduction == "none":
-                value = vout.arr
-            elif self.reduction == "mean":
-                value = dtype.type(result / nb if nb else math.nan)
-            else:
-                value = dtype.type(result)
+        value = self._value(want_value, vout, result, nb, dtype)
         grads = None
         if gouts:  # summed over the axes each input was broadcast along, in the caller's shape
             grads = tuple(_unbroadcast(_unbroadcast(gouts[n].arr, placed), given)
