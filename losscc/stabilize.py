@@ -16,6 +16,7 @@ does not matter, and a match anywhere inside the expression is rewritten):
                                                                 softmax - onehot at the label)
     log1p            log(1 + u) -> log1p(u)                    (u one non-constant term, not exp)
     power-quotient   x**g / x -> x**(g - 1)                    (g not an integer: no 0/0 at x = 0)
+    sech2            1 - tanh(u)**2 -> 1/cosh(u)**2            (k - k*tanh(u)**2 too; log_cosh'')
 
 Every rule is an identity, so a rewrite never changes the value, only how it is computed.
 The phases are ordered because the precision rules would otherwise eat the patterns of the
@@ -239,6 +240,25 @@ def _power_quotient(node):
     return None
 
 
+def _sech2(node):
+    """k - k*tanh(u)**2 -> k/cosh(u)**2: 1 - tanh**2 cancels where tanh is near 1 (the true
+    value 4e^(-2|u|) comes out 0 from |u| = 19); cosh**2 overflows only where the true value
+    underflows."""
+    if not node.is_Add:
+        return None
+    terms = list(node.args)
+    for i, term in enumerate(terms):
+        factors = sympy.Mul.make_args(term)
+        for n, f in enumerate(factors):
+            if f.is_Pow and f.exp == 2 and isinstance(f.base, sympy.tanh):
+                k = -sympy.Mul(*factors[:n], *factors[n + 1:])
+                if k in terms[:i] + terms[i + 1:]:
+                    others = terms[:i] + terms[i + 1:]
+                    others.remove(k)
+                    return sympy.Add(*others, k * sympy.cosh(f.base.args[0])**-2)
+    return None
+
+
 def _log1p(node):
     if isinstance(node, sympy.log):
         u = _one_plus(node.args[0])
@@ -263,6 +283,7 @@ PHASES = (
                    _complement(sympy.exp, lambda k, u: k * expm1(u))),
         local_rule("log1p", "log(1 + u)", "log1p(u)", _log1p),
         local_rule("power-quotient", "x**g / x", "x**(g - 1)", _power_quotient),
+        local_rule("sech2", "1 - tanh(u)**2", "1/cosh(u)**2", _sech2),
     )),
 )
 PHASE_NAMES = tuple(p.name for p in PHASES)
