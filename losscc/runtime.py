@@ -639,12 +639,17 @@ class _RowLayout:
             if int(arr[idx]) == value:
                 name = n
                 break
-        if given is not None and len(given) == len(self.shape) and self.axis is not None:
-            idx = idx[:self.axis] + (0,) + idx[self.axis:]  # a label with the class axis kept
-            flat = int(np.ravel_multi_index(idx, given))
+        if given is not None:  # the position in the label as the caller gave it
+            if len(given) == len(self.shape) and self.axis is not None:
+                idx = idx[:self.axis] + (0,) + idx[self.axis:]  # the class axis kept, size 1
+            else:
+                idx = idx[len(idx) - len(given):] if given else ()
+            idx = tuple(0 if n == 1 else i for i, n in zip(idx, given))  # broadcast axes
+            flat = int(np.ravel_multi_index(idx, given)) if given else 0
         ignore = next((i["ignore"] for i in inputs if i["name"] == name), None)
         hint = f" (and not {params[ignore]:g}, the ignore_index)" if ignore else ""
-        return (f"{self.who}: {name}[{', '.join(map(str, idx))}] (flat position {flat}) = {value} is "
+        where = f"[{', '.join(map(str, idx))}]" if idx else " (0-d)"
+        return (f"{self.who}: {name}{where} (flat position {flat}) = {value} is "
                 f"outside [0, {self.nc}){hint}")
 
 

@@ -381,6 +381,14 @@ def test_index_error_position_for_a_label_with_the_class_axis_kept(losses):
         losses.SoftmaxCrossEntropyLoss(axis=1)(np.zeros((2, 4, 3)), y)
 
 
+def test_index_error_position_for_a_broadcast_label(losses):
+    ce = losses.SoftmaxCrossEntropyLoss()
+    with pytest.raises(IndexError, match=r"label \(0-d\) \(flat position 0\) = 7 is outside"):
+        ce(np.zeros((3, 4)), np.array(7))
+    with pytest.raises(IndexError, match=r"label\[0\] \(flat position 0\) = 9 is outside"):
+        ce(np.zeros((3, 4)), np.array([9]))
+
+
 def test_triplet_reshapes_every_input_like_pred(losses):
     """Gluon reshapes positive and negative like pred when their sizes match."""
     rng = np.random.default_rng(3)
