@@ -229,8 +229,8 @@ def reduce(per_sample, reduction="none"):
         return per_sample
     if reduction == "sum":
         return per_sample.sum()
-    if reduction == "mean":
-        return per_sample.mean()
+    if reduction == "mean":  # sum / batch size; NaN for an empty batch (no warning)
+        return per_sample.sum() / per_sample.size if per_sample.size else np.nan
     raise ValueError(reduction)
 
 

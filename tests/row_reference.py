@@ -32,6 +32,8 @@ import math
 
 import numpy as np
 
+from reference import reduce  # PyTorch-style reduction of per-sample losses, shared
+
 __all__ = [
     "MP_DPS",
     "cosine_embedding",
@@ -383,15 +385,6 @@ def row_grad_scale(grad, shape, row_axes, sample_weight=None, weight=1.0, batch_
     return out / nb if (reduction == "mean" and nb) else out
 
 
-def reduce(per_sample, reduction="none"):
-    """PyTorch-style reduction of the per-sample losses (mean = sum / batch size)."""
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "mean":
-        return per_sample.sum() / per_sample.size if per_sample.size else np.nan
-    raise ValueError(reduction)
 
 
 def expected(kind, inputs, options=None, sample_weight=None, weight=1.0, batch_axis=0,
