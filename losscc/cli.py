@@ -21,6 +21,16 @@ def main(argv=None) -> int:
     b.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
     b.add_argument("-v", "--verbose", action="store_true", help="also print each loss's derivation")
 
+    c = sub.add_parser("check", help="prove the numbers: examples, finite differences, and accuracy in "
+                                     "ulps against the written formula in arbitrary precision")
+    c.add_argument("specs", nargs="+", help="spec files or folders of *.yaml")
+    c.add_argument("--samples", type=_positive_int, default=400,
+                   help="sweep points per variant and dtype (default: 400; the full sweep: 10000)")
+    c.add_argument("--seed", type=int, default=0, help="random seed of the sweep (default: 0)")
+    c.add_argument("--out", default="build", help="where to build the kernels (default: build, "
+                                                  "as the package losscc_check)")
+    c.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-': stdout only)")
+
     ls = sub.add_parser("list", help="show the losses of a built module with their parameters")
     ls.add_argument("module", nargs="?", default="build/losses", help="built module folder (default: build/losses)")
 
@@ -28,6 +38,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "build":
             return _build(args)
+        if args.command == "check":
+            return _check(args)
         return _list(args)
     except LossccError as exc:
         print(f"losscc: error: {exc}", file=sys.stderr)
@@ -42,6 +54,34 @@ def _build(args) -> int:
 
     build(args.specs, out=args.out, name=args.name, force=args.force, log=print, verbose=args.verbose)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _check(args) -> int:
+    """Exit 0 if every loss passes, 1 if any bound is broken (named on stderr)."""
+    from .check import check, summary_table, to_json
+
+    to_stdout = args.json == "-"
+    log = (lambda *a: None) if to_stdout else (lambda text: print(text + "\n"))
+    results = check(args.specs, samples=args.samples, seed=args.seed, out=args.out, log=log)
+    if to_stdout:
+        print(to_json(results))
+    else:
+        print(summary_table(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(to_json(results) + "\n")
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        for failure in r.failures:
+            print(f"losscc: check failed: {r.name}: {failure}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _list(args) -> int:

@@ -413,7 +413,7 @@ def runtime_meta(sym: SymbolicLoss) -> dict:
         "positional": list(spec.positional),
         "inputs": [{"name": i.name, "differentiable": i.differentiable, "default": i.default,
                     "optional_grad": i.optional_grad, "row": i.row, "index_into": i.index_into,
-                    "ignore": i.ignore, "doc": i.doc} for i in spec.inputs],
+                    "ignore": i.ignore, "doc": i.doc, "domain": i.domain_text()} for i in spec.inputs],
         "params": [{"name": p.name, "default": p.default, "min": p.min, "max": p.max, "gt": p.gt,
                     "lt": p.lt, "doc": p.doc} for p in spec.params],
         "variants": [{"name": v.name, "values": list(v.values), "default": v.default, "doc": v.doc}

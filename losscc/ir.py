@@ -5,6 +5,7 @@ Every dataclass is frozen; stages consume them and return new ones, never mutate
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,39 @@ class Loc:
 
 
 @dataclass(frozen=True)
+class Domain:
+    """Where an input's values live. Documented in docstrings, drawn from by `losscc check`,
+    and not checked at run time: outside it a loss is its written formula (maybe NaN).
+
+    Written as text in a spec: `real` (the default), an interval `[0, 1]`, `(0, inf)`,
+    `[0, inf)`, a finite set `{-1, 1}`, or `simplex` (a row of non-negative values summing
+    to 1: a probability distribution along the class axis).
+    """
+
+    text: str = "real"
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = True
+    hi_open: bool = True
+    values: tuple = ()  # a finite set, when not empty
+    simplex: bool = False
+
+    def contains(self, x: float) -> bool:
+        if self.values:
+            return x in self.values
+        if self.simplex:
+            return 0 <= x <= 1
+        if math.isnan(x):
+            return False
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return above and below and math.isfinite(x)
+
+
+REAL = Domain()
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """An array argument of the loss. The first input is the prediction."""
 
@@ -45,6 +79,23 @@ class InputSpec:
     ignore: str | None = None  # a param: rows whose class equals it give 0 loss, 0 gradient
     # Differentiable but computed only when asked for (value_and_grad(..., wrt=...)).
     optional_grad: bool = False
+    domain: Domain = REAL
+    # A domain that depends on a variant: (variant name, ((value, Domain), ...)).
+    domain_by: tuple | None = None
+
+    def domain_for(self, options: dict) -> Domain:
+        """This input's domain in the variant combination `options`."""
+        if self.domain_by is None:
+            return self.domain
+        variant, cases = self.domain_by
+        return dict(cases)[options[variant]]
+
+    def domain_text(self) -> str:
+        """The domain as a docstring says it: '[0, 1]', or one per variant value."""
+        if self.domain_by is None:
+            return self.domain.text
+        variant, cases = self.domain_by
+        return "; ".join(f"{d.text} if {variant}={str(v).lower()}" for v, d in cases)
 
 
 @dataclass(frozen=True)
@@ -140,6 +191,10 @@ class LossSpec:
     alias_locs: tuple = ()  # of Loc, one per alias
     # Row losses: the default class axis (an int, or None: every non-batch axis is the row).
     axis: int | None = -1
+    # The accuracy `losscc check` holds the kernels to, in ulps of the true result, and why
+    # when it is looser than the default.
+    accuracy: float = 4.0
+    accuracy_reason: str = ""
 
     @property
     def is_row(self) -> bool:

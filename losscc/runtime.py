@@ -154,7 +154,10 @@ def _docstring(meta: dict) -> str:
         extra += " (a row along the class axis)" if i.get("row") else ""
         extra += " (class indices)" if i.get("index_into") else ""
         extra += f" (optional, default {i['default']:g})" if i["default"] is not None else ""
+        extra += f" in {i['domain']}" if i.get("domain", "real") != "real" else ""
         lines.append(f"    {i['name']}{extra}" + (f": {i['doc']}" if i["doc"] else ""))
+    lines.append("    (Domains are not checked: outside one, the loss is its written formula, "
+                 "which may be NaN.)")
     if meta["params"]:
         lines.append("Parameters:")
         for p in meta["params"]:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import keyword
 import math
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from .errors import SpecError
-from .ir import ExampleSpec, Formula, InputSpec, Loc, LossSpec, ParamSpec, VariantSpec, bound_error
+from .ir import (Domain, ExampleSpec, Formula, InputSpec, Loc, LossSpec, ParamSpec, VariantSpec,
+                 bound_error)
 
 MAX_SPEC_BYTES = 256 * 1024
 MAX_YAML_DEPTH = 20  # nesting of mappings and lists; a spec needs 4
@@ -25,7 +28,8 @@ RESERVED = frozenset(
      "wrt", "self"}
 )
 TOP_KEYS = ("name", "aliases", "summary", "reference", "doc", "inputs", "params", "variants",
-            "positional", "axis", "let", "loss", "examples")
+            "positional", "axis", "let", "loss", "examples", "accuracy")
+DEFAULT_ACCURACY = 4.0  # ulps of the true result, for every value and gradient (issue 4)
 COMMON_ARGS = ("weight", "batch_axis")  # constructor arguments every loss has
 _STR_TAG = "tag:yaml.org,2002:str"
 _SCALAR_TAGS = {
@@ -276,12 +280,86 @@ class _Validator:
         examples = ()
         if "examples" in top:
             examples = self.examples(top["examples"][1], inputs, params, variants)
+        inputs = tuple(self.domain(i, variants) for i in inputs)
+        accuracy, reason = DEFAULT_ACCURACY, ""
+        if "accuracy" in top:
+            accuracy, reason = self.accuracy(top["accuracy"][1])
         return LossSpec(
             name=name, path=self.label, loc=self.loc(top["name"][1]), summary=summary,
             reference=reference, doc=doc, aliases=aliases, inputs=inputs, params=params,
             variants=variants, let=let, loss=loss, examples=examples, source_hash=source_hash,
-            positional=positional, alias_locs=alias_locs, axis=axis,
+            positional=positional, alias_locs=alias_locs, axis=axis, accuracy=accuracy,
+            accuracy_reason=reason,
         )
+
+    def accuracy(self, node) -> tuple:
+        """accuracy: {ulps: N, reason: why}: a looser bound than the default, with its reason."""
+        fields = self.options(node, "accuracy", ("ulps", "reason"))
+        if "ulps" not in fields or "reason" not in fields:
+            self.fail(node, "accuracy needs 'ulps' (the bound) and 'reason' (why the default "
+                            f"{DEFAULT_ACCURACY:g} ulps cannot hold)")
+        ulps = self.number(fields["ulps"][1], "accuracy ulps")
+        if not ulps >= 1:
+            self.fail(fields["ulps"][1], f"accuracy ulps must be >= 1, got {ulps!r}")
+        reason = self.string(fields["reason"][1], "accuracy reason").strip()
+        if not reason:
+            self.fail(fields["reason"][1], "accuracy reason is empty: say why the bound is looser")
+        return ulps, reason
+
+    def domain(self, inp: InputSpec, variants) -> InputSpec:
+        """The input's `domain:` (kept aside by inputs()), parsed now that variants are known."""
+        node = self._domain_nodes.get(inp.name)
+        if node is None:
+            return inp
+        out = self.domain_of(inp, node, variants)
+        for _, d in out.domain_by[1] if out.domain_by else [(None, out.domain)]:
+            if d.simplex and not (inp.row or inp.index_into):
+                self.fail(node, f"domain of input '{inp.name}': simplex is for row inputs (row: true)")
+        return out
+
+    def domain_of(self, inp: InputSpec, node, variants) -> InputSpec:
+        if not isinstance(node, yaml.MappingNode):
+            return replace(inp, domain=self.domain_text(node, f"domain of input '{inp.name}'"))
+        items = {}  # variant values (true/false too) as keys: not plain names, so not mapping()
+        for knode, vnode in node.value:
+            key = str(self.scalar(knode, f"domain of input '{inp.name}'")).lower()
+            if key in items:
+                self.fail(knode, f"duplicate key '{key}' in the domain of input '{inp.name}'")
+            items[key] = (knode, vnode)
+        if "by" not in items:
+            self.fail(node, f"domain of input '{inp.name}': a mapping names a variant with 'by' and "
+                            "gives a domain per value, e.g. {by: from_sigmoid, true: '[0, 1]', false: real}")
+        vname = self.scalar(items["by"][1], "domain by")
+        variant = next((v for v in variants if v.name == vname), None)
+        if variant is None:
+            self.fail(items["by"][1], f"domain of input '{inp.name}': by '{vname}' is not a variant "
+                                      f"(variants: {', '.join(v.name for v in variants) or 'none'})")
+        cases = {}
+        for key, (knode, vnode) in items.items():
+            if key == "by":
+                continue
+            value = next((v for v in variant.values if str(v).lower() == str(key).lower()), None)
+            if value is None:
+                self.fail(knode, f"domain of input '{inp.name}': {key!r} is not a value of variant "
+                                 f"'{vname}' (values: {', '.join(map(str, variant.values))})")
+            cases[value] = self.domain_text(vnode, f"domain of input '{inp.name}' for {vname}={key}")
+        missing = [str(v) for v in variant.values if v not in cases]
+        if missing:
+            self.fail(node, f"domain of input '{inp.name}': no domain for {vname} = {', '.join(missing)}")
+        return replace(inp, domain_by=(vname, tuple(cases.items())))
+
+    def domain_text(self, node, what: str) -> Domain:
+        if isinstance(node, yaml.SequenceNode):  # [0, 1] unquoted: YAML's list, a closed interval
+            if len(node.value) != 2:
+                self.fail(node, f"{what}: a list is a closed interval [lo, hi] of two numbers")
+            lo, hi = (self.number(n, what) for n in node.value)
+            text = f"[{lo:g}, {hi:g}]"
+        else:
+            text = self.string(node, what)
+        try:
+            return parse_domain(text)
+        except ValueError as exc:
+            self.fail(node, f"{what}: {exc}")
 
     def axis(self, node):
         value = self.scalar(node, "axis")
@@ -306,14 +384,17 @@ class _Validator:
         return tuple(names)
 
     def inputs(self, node) -> tuple:
+        self._domain_nodes = {}
         items = self.mapping(node, "inputs")
         if not items:
             self.fail(node, "inputs must list at least the prediction")
         out = []
         for i, (name, (knode, vnode)) in enumerate(items.items()):
             self.identifier(knode, "input name")
-            fields = self.options(vnode, f"input '{name}'",
-                                  ("differentiable", "default", "row", "index_into", "ignore", "doc"))
+            fields = self.options(vnode, f"input '{name}'", ("differentiable", "default", "row",
+                                                             "index_into", "ignore", "domain", "doc"))
+            if "domain" in fields:
+                self._domain_nodes[name] = fields["domain"][1]
             differentiable, optional_grad = i == 0, False
             if "differentiable" in fields:
                 dnode = fields["differentiable"][1]
@@ -467,6 +548,41 @@ class _Validator:
                 loss=vals["loss"], grad=vals.get("grad"),
             ))
         return tuple(out)
+
+
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*$")
+
+
+def parse_domain(text: str) -> Domain:
+    """A Domain from its spec text, or ValueError saying what is wrong."""
+    t = text.strip()
+    if t == "real":
+        return Domain("real")
+    if t == "simplex":
+        return Domain("simplex", 0.0, 1.0, False, False, simplex=True)
+    if t.startswith("{") and t.endswith("}"):
+        items = [x.strip() for x in t[1:-1].split(",")]
+        try:
+            values = tuple(float(x) for x in items)
+        except ValueError:
+            raise ValueError(f"{text!r}: a set lists numbers, e.g. {{-1, 1}}") from None
+        if not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"{text!r}: a set lists distinct finite numbers")
+        return Domain(t, min(values), max(values), False, False, values=values)
+    m = _INTERVAL.match(t)
+    if not m:
+        raise ValueError(f"{text!r} is not a domain (real, simplex, an interval like [0, 1] or "
+                         "(0, inf), or a set like {-1, 1})")
+    lo_b, lo_s, hi_s, hi_b = m.groups()
+    try:
+        lo, hi = float(lo_s), float(hi_s)
+    except ValueError:
+        raise ValueError(f"{text!r}: interval bounds must be numbers or inf") from None
+    if math.isnan(lo) or math.isnan(hi) or not lo < hi:
+        raise ValueError(f"{text!r}: the lower bound must be below the upper one")
+    if (lo == -math.inf and lo_b == "[") or (hi == math.inf and hi_b == "]"):
+        raise ValueError(f"{text!r}: an infinite bound is open: write (-inf or inf)")
+    return Domain(t, lo, hi, lo_b == "(", hi_b == ")")
 
 
 def _kind(node) -> str:

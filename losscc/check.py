@@ -1,0 +1,706 @@
+"""`losscc check`: prove a built loss's numbers.
+
+For every loss and dtype it reports
+- the spec's examples (pass/fail),
+- finite differences of the float64 kernel's value against its gradient (and of its gradient
+  against its second derivative) at in-domain points away from kinks,
+- accuracy: the error in ulps of the true result of the value and every gradient (and second
+  derivative) against the written formula in interval arithmetic (truth.py), over inputs
+  swept across the whole float range of the dtype: log-uniform magnitudes of both signs from
+  the smallest normal to the largest float, typical magnitudes, inputs close to each other
+  (where differences cancel), near the parameters (kinks), special values, and the spec's
+  examples. Each input is drawn from its domain (the spec's `domain:`).
+
+A loss passes when every example holds, every finite difference agrees, and no output is off
+by more than its bound (4 ulps unless the spec declares a looser one with a reason). A
+non-finite result where the true one is finite counts as an infinite error.
+
+The float32 truth is the formula at the float32 inputs and at the float32-rounded parameters
+(the kernel computes with those): errors are the kernel's own, not the rounding of its inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import mpmath
+import numpy as np
+
+from .build import build
+from .ir import Domain
+from .runtime import load_module
+from .spec import load_spec, spec_files
+from .truth import compile_interval, elementwise_outputs, resolve, row_outputs
+
+DTYPES = (np.float64, np.float32)
+PRECISION = {np.float64: (53, -1074), np.float32: (24, -149)}  # (mantissa bits, log2 of the smallest ulp)
+# The examples' tolerance (relative, absolute): their numbers are O(1) and rounded to ~17 digits.
+EXAMPLE_TOL = {np.float64: (1e-12, 8 * 2.0**-52), np.float32: (8 * 2.0**-23, 8 * 2.0**-23)}
+ROW_CLASSES = (2, 3, 6)  # class counts the row-loss sweep uses
+FD_POINTS = 64
+FD_TOL = 1e-6  # relative agreement of central differences (step 1e-6) beyond their rounding noise
+
+
+# --------------------------------------------------------------------------- report types
+
+
+@dataclass
+class Accuracy:
+    """Errors of one output (value, d/dpred, ...) of one loss in one dtype, in ulps."""
+
+    output: str
+    dtype: str
+    errors: list = field(default_factory=list)
+    worst: dict | None = None
+    unresolved: int = 0  # points whose truth could not be settled (not counted)
+    kinks: int = 0  # points within rounding of a branch boundary where the kernel took the other side
+
+    @property
+    def max(self) -> float:
+        return max(self.errors) if self.errors else 0.0
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.errors)) if self.errors else 0.0
+
+    def is_worst(self, err: float) -> bool:
+        return not self.errors or err > self.max
+
+    def add(self, err: float, worst: dict | None):
+        """Record an error; `worst` describes the point (given when is_worst(err))."""
+        if worst is not None:
+            self.worst = dict(worst, ulps=err)
+        self.errors.append(err)
+
+
+@dataclass
+class LossCheck:
+    name: str
+    path: str
+    bound: float
+    reason: str
+    examples: list = field(default_factory=list)  # (where, dtype, ok, message)
+    fd: list = field(default_factory=list)  # (output, max error, points, skipped, ok)
+    accuracy: dict = field(default_factory=dict)  # (dtype, output) -> Accuracy
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list:
+        out = [f"example at {w} ({d}): {m}" for w, d, ok, m in self.examples if not ok]
+        out += [f"finite differences of {o}: error {e:.3g} at {n} points" for o, e, n, _, ok in self.fd if not ok]
+        for (dtype, output), acc in self.accuracy.items():
+            if acc.max > self.bound:
+                out.append(f"{output} ({dtype}): {_fmt(acc.max)} ulps > {self.bound:g} at {_where(acc.worst)}")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "spec": self.path, "bound_ulps": self.bound, "bound_reason": self.reason,
+            "ok": self.ok, "failures": self.failures, "seconds": round(self.seconds, 2),
+            "examples": [{"where": w, "dtype": d, "ok": ok, "message": m} for w, d, ok, m in self.examples],
+            "finite_differences": [{"output": o, "max_error": e, "points": n, "skipped": s, "ok": ok}
+                                   for o, e, n, s, ok in self.fd],
+            "accuracy": [{"dtype": a.dtype, "output": a.output, "max_ulps": _json_num(a.max),
+                          "median_ulps": _json_num(a.median), "points": len(a.errors),
+                          "unresolved": a.unresolved, "worst": a.worst}
+                         for a in self.accuracy.values()],
+        }
+
+
+def _json_num(x: float):
+    return x if math.isfinite(x) else str(x)
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return "inf"
+    return f"{x:.3g}" if x < 100 else f"{x:.3e}"
+
+
+def _where(w) -> str:
+    if not w:
+        return "?"
+    parts = [f"{k}={v}" for k, v in w.items() if k not in ("ulps",)]
+    return "{" + ", ".join(parts) + "}"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def check(paths, samples: int = 400, seed: int = 0, out="build", log=print) -> list[LossCheck]:
+    """Build (incrementally, into out/losscc_check) and check every spec under `paths`."""
+    specs = [load_spec(f) for f in spec_files(paths)]
+    report = build(paths, out=out, name="losscc_check", log=lambda *a: None)
+    module = load_module(report.path)
+    results = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        cls = module.LOSSES[spec.name]
+        result = LossCheck(spec.name, spec.path, spec.accuracy, spec.accuracy_reason)
+        rng = np.random.default_rng([seed, *spec.name.encode()])
+        _examples(cls, result)
+        _finite_differences(spec, cls, result, rng)
+        _accuracy(spec, cls, result, samples, rng)
+        result.seconds = time.perf_counter() - t0
+        log(format_loss(result))
+        results.append(result)
+    return results
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def _examples(cls, result: LossCheck):
+    for ex in cls._meta["examples"]:
+        for dtype in DTYPES:
+            loss = cls(**ex["options"])
+            kinds = cls._meta["kernels"][_variant_key(cls, ex["options"])]["kinds"]
+            inputs = {k: _example_array(v, dtype, kinds.get(k)) for k, v in ex["inputs"].items()}
+            value, grad = loss.value_and_grad(**inputs)
+            grad = grad[0] if isinstance(grad, tuple) else grad
+            rtol, atol = EXAMPLE_TOL[dtype]
+            msgs = []
+            if not _close(value.ravel()[0], ex["loss"], rtol, atol):
+                msgs.append(f"loss {value.ravel()[0]!r}, expected {ex['loss']!r}")
+            if ex["grad"] is not None:
+                want = np.atleast_1d(np.asarray(ex["grad"], dtype=float))
+                got = grad.ravel()
+                if got.shape != want.shape or not all(_close(a, b, rtol, atol) for a, b in zip(got, want)):
+                    msgs.append(f"gradient {got.tolist()}, expected {want.tolist()}")
+            result.examples.append((ex["where"], np.dtype(dtype).name, not msgs, "; ".join(msgs)))
+
+
+def _example_array(v, dtype, kind):
+    if kind == "index":
+        return np.array([int(v)])
+    return np.array([v], dtype=dtype)
+
+
+def _close(a, b, rtol, atol) -> bool:
+    return bool(abs(float(a) - b) <= rtol * abs(b) + atol)
+
+
+def _variant_key(cls, options: dict) -> str:
+    full = {v["name"]: options.get(v["name"], v["default"]) for v in cls._meta["variants"]}
+    for key, k in cls._meta["kernels"].items():
+        if k["options"] == full:
+            return key
+    raise KeyError(options)  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _magnitudes(n, dtype, rng, spread="mixed"):
+    """Non-negative magnitudes: log-uniform over the whole normal range, typical ones
+    (1e-4 .. 1e4), special values, and exact zeros."""
+    info = np.finfo(dtype)
+    lo, hi = math.log10(info.smallest_normal), math.log10(info.max)
+    full = 10.0 ** rng.uniform(lo, hi, n)
+    typical = 10.0 ** rng.uniform(-4, 4, n)
+    exp_limit = math.log(info.max)
+    special = np.array([0.0, 0.5, 1.0, 2.0, 3.0, 30.0, 1e4, exp_limit, exp_limit + 1, 2 * exp_limit,
+                        float(info.smallest_normal), float(info.max), float(info.max) / 2])
+    pick = rng.uniform(size=n)
+    out = np.where(pick < 0.35, full, typical)
+    out = np.where(pick > 0.92, rng.choice(special, n), out)
+    with np.errstate(over="ignore"):
+        return out.astype(dtype)
+
+
+def _draw(domain: Domain, n, dtype, rng):
+    """n values of `domain` in `dtype`."""
+    if domain.values:
+        return rng.choice(np.array(domain.values), n).astype(dtype)
+    lo, hi = domain.lo, domain.hi
+    info = np.finfo(dtype)
+    if math.isfinite(lo) and math.isfinite(hi):
+        width = hi - lo
+        near = width * 10.0 ** rng.uniform(-12, 0, n)
+        pick = rng.uniform(size=n)
+        out = np.where(pick < 0.4, rng.uniform(lo, hi, n), np.where(pick < 0.7, lo + near, hi - near))
+        ends = [x for x, open_ in ((lo, domain.lo_open), (hi, domain.hi_open)) if not open_]
+        if ends:
+            out = np.where(rng.uniform(size=n) < 0.1, rng.choice(ends, n), out)
+        out = np.clip(out, lo, hi).astype(dtype)
+    elif math.isfinite(lo):
+        out = np.clip(lo + _magnitudes(n, np.float64, rng), -info.max, info.max).astype(dtype)
+    elif math.isfinite(hi):
+        out = np.clip(hi - _magnitudes(n, np.float64, rng), -info.max, info.max).astype(dtype)
+    else:
+        out = _magnitudes(n, dtype, rng) * rng.choice(np.array([-1, 1], dtype=dtype), n)
+    with np.errstate(over="ignore"):
+        out = np.clip(out, -info.max, info.max).astype(dtype)
+    bad = ~np.array([domain.contains(float(x)) for x in out], dtype=bool)
+    if bad.any():  # rounding to the dtype left the domain (an open end): nudge inward
+        out[bad] = np.array([_inside(domain, float(x), dtype) for x in out[bad]], dtype=dtype)
+    return out
+
+
+def _inside(domain, x, dtype):
+    t = np.dtype(dtype).type
+    if domain.lo_open and x <= domain.lo:
+        return np.nextafter(t(domain.lo), t(np.inf))
+    if domain.hi_open and x >= domain.hi:
+        return np.nextafter(t(domain.hi), t(-np.inf))
+    return t(min(max(x, domain.lo), domain.hi))
+
+
+def _near(base, domain, dtype, rng):
+    """Values close to `base` (relative distance 1e-12 .. 1e-1, either side): where a
+    difference of the two cancels."""
+    n = base.shape
+    delta = 10.0 ** rng.uniform(-12, -1, n) * rng.choice([-1.0, 1.0], n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = (base.astype(np.float64) * (1 + delta)).astype(dtype)
+    ok = np.isfinite(out) & np.array([domain.contains(float(x)) for x in np.ravel(out)]).reshape(n)
+    return np.where(ok, out, base)
+
+
+def _params(spec, rng, settings=3) -> list[dict]:
+    """The default parameters, then random in-bounds settings (ignore params stay default)."""
+    ignored = {i.ignore for i in spec.inputs if i.ignore}
+    out = [{p.name: p.default for p in spec.params}]
+    for _ in range(settings - 1):
+        s = {}
+        for p in spec.params:
+            if p.name in ignored:
+                s[p.name] = p.default
+                continue
+            lo = p.min if p.min is not None else p.gt
+            hi = p.max if p.max is not None else p.lt
+            if lo is not None and hi is not None:
+                v = rng.uniform(lo, hi)
+            elif lo is not None:
+                v = lo + 10.0 ** rng.uniform(-6, 2)
+            elif hi is not None:
+                v = hi - 10.0 ** rng.uniform(-6, 2)
+            else:
+                v = float(rng.choice([-1, 1])) * 10.0 ** rng.uniform(-3, 2)
+            s[p.name] = v
+        out.append(s)
+    return out
+
+
+def _elementwise_points(spec, options, dtype, n, rng, params):
+    """{input: array (n,)} drawn from the domains, some inputs close to the prediction, and the
+    prediction close to +-each parameter for a few points (kinks sit there)."""
+    arrays = {}
+    first = None
+    for inp in spec.inputs:
+        domain = inp.domain_for(options)
+        x = _draw(domain, n, dtype, rng)
+        if first is None:
+            first = (x, domain)
+        elif not domain.values:
+            x = np.where(rng.uniform(size=n) < 0.3, _near(first[0], domain, dtype, rng), x)
+        arrays[inp.name] = x
+    pred_domain = first[1]
+    for v in params.values():
+        target = np.full(n, v) * rng.choice([-1.0, 1.0], n)
+        close = _near(target.astype(dtype), pred_domain, dtype, rng)
+        ok = np.array([pred_domain.contains(float(c)) for c in close])
+        arrays[spec.pred.name] = np.where((rng.uniform(size=n) < 0.05) & ok, close, arrays[spec.pred.name])
+    return arrays
+
+
+def _row_points(spec, options, kinds, dtype, n, C, rng):
+    """{input: array} for n rows of C classes: typical, shifted, confident, full-range and
+    near-another-row rows; class indices uniform."""
+    arrays = {}
+    labels = rng.integers(0, C, n)
+    first = None
+    for inp in spec.inputs:
+        kind = kinds[inp.name]
+        domain = inp.domain_for(options)
+        if kind == "index":
+            arrays[inp.name] = labels.copy()
+            continue
+        if kind == "scalar":
+            arrays[inp.name] = _draw(domain, n, dtype, rng)
+            continue
+        if domain.simplex:
+            rows = _simplex(n, C, rng)
+        elif domain.values or (math.isfinite(domain.lo) and math.isfinite(domain.hi)) \
+                or not (math.isinf(domain.lo) and math.isinf(domain.hi)):
+            rows = _draw(domain, n * C, np.float64, rng).reshape(n, C)
+        else:
+            rows = _real_rows(n, C, labels, rng, dtype)
+            if first is not None:
+                near = _near(first, domain, np.float64, rng)
+                rows = np.where(rng.uniform(size=(n, 1)) < 0.3, near, rows)
+        with np.errstate(over="ignore"):
+            rows = np.clip(rows, -np.finfo(dtype).max, np.finfo(dtype).max).astype(dtype)
+        if first is None:
+            first = rows.astype(np.float64)
+        arrays[inp.name] = rows
+    return arrays
+
+
+def _real_rows(n, C, labels, rng, dtype):
+    info = np.finfo(dtype)
+    scale = 10.0 ** rng.uniform(-3, 3, (n, 1))
+    rows = scale * rng.normal(size=(n, C))
+    pick = rng.uniform(size=(n, 1))
+    shift = rng.choice([-1.0, 1.0], (n, 1)) * 10.0 ** rng.uniform(0, math.log10(info.max) - 1, (n, 1))
+    rows = np.where((pick >= 0.4) & (pick < 0.55), rows + shift, rows)
+    confident = rows.copy()
+    confident[np.arange(n), labels] += 10.0 ** rng.uniform(0, 4, n)
+    rows = np.where((pick >= 0.55) & (pick < 0.7), confident, rows)
+    full = _magnitudes(n * C, np.float64, rng).reshape(n, C) * rng.choice([-1.0, 1.0], (n, C))
+    rows = np.where((pick >= 0.7) & (pick < 0.85), full, rows)
+    equal = np.repeat(rows[:, :1], C, axis=1)
+    return np.where(pick >= 0.95, equal, rows)
+
+
+def _simplex(n, C, rng):
+    alpha = 10.0 ** rng.uniform(-1, 1, (n, 1))
+    rows = rng.gamma(np.broadcast_to(alpha, (n, C)))
+    rows[rng.uniform(size=(n, C)) < 0.2] = 0.0
+    onehot = np.zeros((n, C))
+    onehot[np.arange(n), rng.integers(0, C, n)] = 1.0
+    rows = np.where(rows.sum(axis=1, keepdims=True) == 0, onehot, rows)
+    rows = np.where(rng.uniform(size=(n, 1)) < 0.15, onehot, rows)
+    return rows / rows.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def ulps(computed: float, true, dtype) -> float:
+    """|computed - true| in units of the last place of `true` in `dtype` (true is an mpf, maybe
+    +-inf). A true value beyond the largest float rounds to +-inf: that result is exact. A
+    non-finite result for a finite truth is an infinite error."""
+    p, emin = PRECISION[dtype]
+    info = np.finfo(dtype)
+    overflow = mpmath.mpf(float(info.max)) + mpmath.ldexp(1, int(info.maxexp) - p - 1)
+    if mpmath.isinf(true) or abs(true) >= overflow:
+        return 0.0 if computed == (math.inf if true > 0 else -math.inf) else math.inf
+    if not math.isfinite(computed):
+        return math.inf
+    if true == 0:
+        e = emin
+    else:
+        _, exponent = mpmath.frexp(true)
+        e = max(int(exponent) - p, emin)
+    return float(abs(mpmath.mpf(computed) - true) / mpmath.ldexp(1, e))
+
+
+def _error(got: float, truth, dtype, stat) -> float:
+    """The error in ulps; at a fragile branch decision (truth.alt) the better of the two sides,
+    counted in stat.kinks when the other side was the closer one."""
+    err = ulps(got, truth.value, dtype)
+    if truth.alt is not None and not mpmath.isnan(truth.alt):
+        other = ulps(got, truth.alt, dtype)
+        if other < err:
+            stat.kinks += 1
+            return other
+    return err
+
+
+def _slack(dtype) -> float:
+    """How close two compared values must be for a kernel's rounding to decide it either way."""
+    return 2.0 ** (3 - PRECISION[dtype][0])
+
+
+def _accuracy(spec, cls, result: LossCheck, samples: int, rng):
+    for options in spec.variant_combos():
+        key = _variant_key(cls, options)
+        kinds = cls._meta["kernels"][key]["kinds"]
+        for dtype in DTYPES:
+            settings = _params(spec, rng)
+            for s_index, params in enumerate(settings):
+                n = samples // 2 if s_index == 0 else samples // (2 * (len(settings) - 1))
+                if spec.is_row:
+                    for C in ROW_CLASSES:
+                        m = max(n // len(ROW_CLASSES), 1)
+                        _measure_rows(spec, cls, result, options, kinds, dtype, params, m, C, rng)
+                else:
+                    _measure_elementwise(spec, cls, result, options, dtype, params, n, rng)
+    for dtype in DTYPES:
+        for ex in cls._meta["examples"]:
+            options = {v.name: ex["options"].get(v.name, v.default) for v in spec.variants}
+            params = {p.name: ex["options"].get(p.name, p.default) for p in spec.params}
+            if spec.is_row:
+                key = _variant_key(cls, options)
+                kinds = cls._meta["kernels"][key]["kinds"]
+                arrays = {k: (np.array([[int(v)]])[0] if kinds[k] == "index" else
+                              np.array([v], dtype=dtype)) for k, v in ex["inputs"].items()}
+                C = max(len(v) for v in ex["inputs"].values() if isinstance(v, (list, tuple)))
+                _measure_rows(spec, cls, result, options, kinds, dtype, params, 1, C, rng, arrays)
+            else:
+                arrays = {k: np.array([v], dtype=dtype) for k, v in ex["inputs"].items()}
+                _measure_elementwise(spec, cls, result, options, dtype, params, 1, rng, arrays)
+
+
+_TRUTH_CACHE: dict = {}
+
+
+def _compiled(spec, options, C=None, kinds=None, wrt=()):
+    key = (spec.source_hash, spec.path, tuple(sorted(options.items())), C)
+    if key not in _TRUTH_CACHE:
+        if C is None:
+            outs = elementwise_outputs(spec, options)
+        else:
+            outs = row_outputs(spec, options, C, kinds, wrt)
+        _TRUTH_CACHE[key] = (outs.args, {k: compile_interval(e, outs.args) for k, e in outs.exprs.items()})
+    return _TRUTH_CACHE[key]
+
+
+def _stat(result, dtype, output) -> Accuracy:
+    name = np.dtype(dtype).name
+    return result.accuracy.setdefault((name, output), Accuracy(output, name))
+
+
+def _call_params(params, dtype):
+    """The parameters as the kernel sees them (rounded to its dtype)."""
+    return {k: float(np.dtype(dtype).type(v)) for k, v in params.items()}
+
+
+def _measure_elementwise(spec, cls, result, options, dtype, params, n, rng, arrays=None):
+    if arrays is None:
+        arrays = _elementwise_points(spec, options, dtype, n, rng, params)
+    loss = cls(**options, **params)
+    inputs = {i.name: arrays.get(i.name, np.full(n, i.default, dtype=dtype)) for i in spec.inputs}
+    with np.errstate(all="ignore"):
+        value, grads = loss.value_and_grad(**inputs)
+        _, hess = loss.grad_hess(**inputs)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    computed = {"value": value}
+    for inp, g in zip(spec.differentiable, grads):
+        computed[f"d/d{inp.name}"] = g
+    computed[f"d2/d{spec.pred.name}2"] = hess
+    args, fns = _compiled(spec, options)
+    pv = _call_params(params, dtype)
+    limit = float(np.finfo(dtype).max)
+    for k in range(n):
+        point = [float(inputs[i.name][k]) for i in spec.inputs] + [pv[p.name] for p in spec.params]
+        for output, fn in fns.items():
+            truth = resolve(fn, point, limit, _slack(dtype))
+            stat = _stat(result, dtype, output)
+            if mpmath.isnan(truth.value):
+                stat.unresolved += not truth.tie
+                continue
+            got = float(computed[output][k])
+            err = _error(got, truth, dtype, stat)
+            stat.add(err, {"variant": options, "params": params,
+                           "inputs": {i.name: float(inputs[i.name][k]) for i in spec.inputs},
+                           "computed": got, "true": mpmath.nstr(truth.value, 17)}
+                     if stat.is_worst(err) else None)
+
+
+def _measure_rows(spec, cls, result, options, kinds, dtype, params, n, C, rng, arrays=None):
+    if arrays is None:
+        arrays = _row_points(spec, options, kinds, dtype, n, C, rng)
+    wrt = [i.name for i in spec.differentiable if kinds[i.name] == "row"]
+    loss = cls(**options, **params)
+    inputs = {}
+    for i in spec.inputs:
+        if i.name in arrays:
+            inputs[i.name] = arrays[i.name]
+        elif kinds[i.name] == "row":
+            inputs[i.name] = np.full((n, C), i.default, dtype=dtype)
+        else:
+            inputs[i.name] = np.full(n, i.default, dtype=dtype)
+    with np.errstate(all="ignore"):
+        value, grads = loss.value_and_grad(**inputs, wrt=tuple(wrt))
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    args, fns = _compiled(spec, options, C, kinds, wrt)
+    pv = _call_params(params, dtype)
+    limit = float(np.finfo(dtype).max)
+    index = next((i.name for i in spec.inputs if kinds[i.name] == "index"), None)
+    for k in range(n):
+        # the truth is written with the label at class 0: permute each row to put it there
+        label = int(inputs[index][k]) if index else 0
+        perm = [label] + [j for j in range(C) if j != label]
+        point = []
+        for i in spec.inputs:
+            if kinds[i.name] == "row":
+                point += [float(inputs[i.name][k][j]) for j in perm]
+            elif kinds[i.name] == "scalar":
+                point.append(float(inputs[i.name][k]))
+        point += [pv[p.name] for p in spec.params]
+        for output, fn in fns.items():
+            truth = resolve(fn, point, limit, _slack(dtype))
+            group = output.split("[")[0]
+            stat = _stat(result, dtype, group)
+            if mpmath.isnan(truth.value):
+                stat.unresolved += not truth.tie
+                continue
+            if output == "value":
+                got = float(value[k])
+            else:
+                name, j = output[3:].split("[")
+                got = float(grads[wrt.index(name)][k][perm[int(j[:-1])]])
+            err = _error(got, truth, dtype, stat)
+            stat.add(err, {"variant": options, "params": params, "output": output,
+                           "inputs": {i.name: inputs[i.name][k].tolist() for i in spec.inputs},
+                           "computed": got, "true": mpmath.nstr(truth.value, 17)}
+                     if stat.is_worst(err) else None)
+
+
+# --------------------------------------------------------------------------- finite differences
+
+
+def _finite_differences(spec, cls, result: LossCheck, rng):
+    """Central differences of the float64 kernel at typical in-domain points: the value
+    against each gradient, and (elementwise) the gradient against the second derivative.
+    Points where the one-sided slopes disagree (a kink within the step) are skipped."""
+    for options in spec.variant_combos():
+        key = _variant_key(cls, options)
+        kinds = cls._meta["kernels"][key]["kinds"]
+        params = {p.name: p.default for p in spec.params}
+        loss = cls(**options, **params)
+        if spec.is_row:
+            C = 4
+            arrays = _fd_rows(spec, options, kinds, C, rng)
+            wrt = tuple(i.name for i in spec.differentiable if kinds[i.name] == "row")
+            for name in wrt:
+                f = functools.partial(_call_with, loss, arrays, name)
+                g = loss.value_and_grad(**arrays, wrt=(name,))[1]
+                _fd_compare(result, f"d/d{name}", f, arrays[name], g, next(i for i in spec.inputs if i.name == name).domain_for(options))
+        else:
+            arrays = _fd_points(spec, options, rng)
+            grads = loss.value_and_grad(**arrays)[1]
+            grads = grads if isinstance(grads, tuple) else (grads,)
+            for inp, g in zip(spec.differentiable, grads):
+                f = functools.partial(_call_with, loss, arrays, inp.name)
+                _fd_compare(result, f"d/d{inp.name}", f, arrays[inp.name], g, inp.domain_for(options))
+            pred = spec.pred.name
+            _, hess = loss.grad_hess(**arrays)
+
+            gfun = functools.partial(_call_with, loss.grad_hess, arrays, pred, first=True)
+            _fd_compare(result, f"d2/d{pred}2", gfun, arrays[pred], hess, spec.pred.domain_for(options))
+
+
+def _call_with(fn, arrays, name, x, first=False):
+    """fn(**arrays) with arrays[name] replaced by x (its first result if `first`)."""
+    out = fn(**{**arrays, name: x})
+    return out[0] if first else out
+
+
+def _fd_points(spec, options, rng):
+    out = {}
+    for inp in spec.inputs:
+        d = inp.domain_for(options)
+        out[inp.name] = _typical(d, FD_POINTS, rng)
+    return out
+
+
+def _typical(d: Domain, n, rng, shape=None):
+    shape = shape or (n,)
+    if d.values:
+        return rng.choice(np.array(d.values), shape)
+    if d.simplex:
+        return _simplex(shape[0], shape[1], rng)
+    if math.isfinite(d.lo) and math.isfinite(d.hi):
+        lo, hi = d.lo, d.hi
+    elif math.isfinite(d.lo):
+        lo, hi = d.lo, d.lo + 6.0
+    elif math.isfinite(d.hi):
+        lo, hi = d.hi - 6.0, d.hi
+    else:
+        lo, hi = -3.0, 3.0
+    return rng.uniform(lo + 0.01 * (hi - lo), hi - 0.01 * (hi - lo), shape)
+
+
+def _fd_rows(spec, options, kinds, C, rng):
+    out = {}
+    for inp in spec.inputs:
+        d = inp.domain_for(options)
+        if kinds[inp.name] == "index":
+            out[inp.name] = rng.integers(0, C, FD_POINTS)
+        elif kinds[inp.name] == "row":
+            out[inp.name] = _typical(d, FD_POINTS, rng, (FD_POINTS, C))
+        else:
+            out[inp.name] = _typical(d, FD_POINTS, rng)
+    return out
+
+
+def _fd_compare(result, output, f, x, g, domain):
+    """Compare g with central differences of f, one element of x at a time (elementwise
+    losses: every point at once, as each element only moves its own loss)."""
+    x = np.asarray(x, dtype=np.float64)
+    flat = x.reshape(len(x), -1)
+    worst, checked, skipped = 0.0, 0, 0
+    bad = np.zeros(len(x), dtype=bool)
+    g = np.asarray(g, dtype=np.float64).reshape(flat.shape)
+    for j in range(flat.shape[1]):
+        h = 1e-6 * np.maximum(1.0, np.abs(flat[:, j]))
+        plus, minus = flat.copy(), flat.copy()
+        plus[:, j] += h
+        minus[:, j] -= h
+        f0 = np.asarray(f(x), dtype=np.float64).reshape(len(x), -1)
+        fp = np.asarray(f(plus.reshape(x.shape)), dtype=np.float64).reshape(len(x), -1)
+        fm = np.asarray(f(minus.reshape(x.shape)), dtype=np.float64).reshape(len(x), -1)
+        col = j if fp.shape[1] > 1 else 0
+        fp, fm, f0 = fp[:, col], fm[:, col], f0[:, col]
+        central = (fp - fm) / (2 * h)
+        forward, backward = (fp - f0) / h, (f0 - fm) / h
+        # the rounding of f, amplified by 1/h: what central differences cannot resolve
+        noise = 16 * 2.0**-52 * (np.abs(fp) + np.abs(fm) + np.abs(f0)) / h
+        scale = np.maximum(np.abs(central), np.abs(g[:, j]))
+        kink = np.abs(forward - backward) > 1e-3 * scale + noise
+        inside = np.array([domain.contains(a) and domain.contains(b)
+                           for a, b in zip(plus[:, j], minus[:, j])]) if not domain.simplex else np.ones(len(x), bool)
+        use = ~kink & inside
+        diff = np.abs(central - g[:, j])
+        err = np.maximum(diff - noise, 0.0) / np.maximum(scale, 1e-300)
+        bad |= use & (diff > FD_TOL * scale + noise)
+        if use.any():
+            worst = max(worst, float(err[use].max()))
+        checked += int(use.sum())
+        skipped += int((~use).sum())
+    result.fd.append((output, worst, checked, skipped, not bad.any()))
+
+
+# --------------------------------------------------------------------------- text report
+
+
+def format_loss(r: LossCheck) -> str:
+    status = "ok" if r.ok else "FAILED"
+    ex_ok = sum(1 for *_, ok, _ in r.examples if ok)
+    lines = [f"{r.name}  ({r.path})  {status}  [{r.seconds:.1f} s]",
+             f"  examples: {ex_ok}/{len(r.examples)} pass"]
+    fd = ", ".join(f"{o} {e:.1e} ({n} pts)" for o, e, n, _, _ in r.fd)
+    lines.append(f"  finite differences (float64, max relative error beyond rounding): {fd}")
+    bound = f"bound {r.bound:g} ulps" + (f" ({r.reason})" if r.reason else "")
+    lines.append(f"  accuracy, ulps of the true result, max / median ({bound}):")
+    outputs = list(dict.fromkeys(a.output for a in r.accuracy.values()))
+    for output in outputs:
+        cells = []
+        for dtype in ("float64", "float32"):
+            a = r.accuracy.get((dtype, output))
+            cells.append(f"{dtype} {_fmt(a.max)} / {_fmt(a.median)} ({len(a.errors)})" if a else f"{dtype} -")
+        lines.append(f"    {output:<16} " + "   ".join(cells))
+    for failure in r.failures:
+        lines.append(f"  FAIL {failure}")
+    return "\n".join(lines)
+
+
+def summary_table(results) -> str:
+    """One line per loss: max ulps of the value and of the worst gradient, both dtypes."""
+    head = f"{'loss':<24}{'f64 value':>11}{'f64 grad':>11}{'f32 value':>11}{'f32 grad':>11}{'bound':>7}  status"
+    lines = [head]
+    for r in results:
+        cells = []
+        for dtype in ("float64", "float32"):
+            v = max((a.max for (d, o), a in r.accuracy.items() if d == dtype and o == "value"), default=0.0)
+            g = max((a.max for (d, o), a in r.accuracy.items() if d == dtype and o != "value"), default=0.0)
+            cells += [_fmt(v), _fmt(g)]
+        lines.append(f"{r.name:<24}" + "".join(f"{c:>11}" for c in cells) + f"{r.bound:>7g}  "
+                     + ("ok" if r.ok else "FAILED"))
+    return "\n".join(lines)
+
+
+def to_json(results) -> str:
+    return json.dumps({"ok": all(r.ok for r in results), "losses": [r.to_json() for r in results]},
+                      indent=1, default=str)
