@@ -353,7 +353,7 @@ class _Validator:
             if len(node.value) != 2:
                 self.fail(node, f"{what}: a list is a closed interval [lo, hi] of two numbers")
             lo, hi = (self.number(n, what) for n in node.value)
-            text = f"[{lo:g}, {hi:g}]"
+            text = f"[{lo!r}, {hi!r}]"
         else:
             text = self.string(node, what)
         try:

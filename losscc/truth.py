@@ -54,6 +54,8 @@ class Truth:
     tie: bool = False  # settled at the highest precision, comparing midpoints
     fragile: bool = False  # an inequality was within the slack: see resolve()
     alt: object = None  # the value with every fragile decision taken the other way
+    undefined: bool = False  # the formula has no real value here (value is nan)
+    unresolved: bool = False  # no precision tried made the interval narrow (value is nan)
 
 
 # --------------------------------------------------------------------------- the formulas
@@ -217,8 +219,9 @@ def _widened(fn):
         lo, hi = _lo(y), _hi(y)
         if mpmath.isinf(lo) or mpmath.isinf(hi) or mpmath.isnan(lo) or mpmath.isnan(hi):
             return y
-        eps = mpmath.ldexp(1, 4 - iv.prec)
-        return iv.mpf([lo - abs(lo) * eps, hi + abs(hi) * eps])
+        with mp.workprec(iv.prec + 8):
+            eps = mpmath.ldexp(1, 4 - iv.prec)
+            return iv.mpf([lo - abs(lo) * eps, hi + abs(hi) * eps])
     return wide
 
 
@@ -325,7 +328,7 @@ def _power(base, exponent):
         return lambda env: _sqrt(base(env))
     if exponent == sympy.Rational(-1, 2):
         return lambda env: _div(iv.mpf(1), _sqrt(base(env)))
-    e = exponent
+    e = _const(exponent) if isinstance(exponent, sympy.Basic) else exponent
 
     def general(env):
         x, y = base(env), e(env)
@@ -404,7 +407,7 @@ def _compile(expr, index):  # noqa: C901 - one dispatch table, one node kind per
         if h0 != 0:
             raise TypeError(f"internal: Heaviside with H(0) = {h0}; tidy() first")
         a = sub[0]
-        terms = [_compile(t, index) for t in sympy.Add.make_args(expr.args[0])]
+        terms = [_compile(t, index) for t in sympy.Add.make_args(sympy.expand_mul(expr.args[0]))]
 
         def heaviside(env):
             scale = iv.mpf(0)
@@ -433,9 +436,13 @@ def resolve(fn, args, limit: float, slack: float = 0.0) -> Truth:
     midpoints at the highest precision. A formula undefined there gives nan. With a `slack`
     (the dtype's rounding, relative), an inequality between values that close is fragile:
     `alt` is then the value with every fragile decision taken the other way."""
-    truth = _resolve(fn, args, limit, slack, flip=False)
-    if truth.fragile:
-        truth.alt = _resolve(fn, args, limit, slack, flip=True).value
+    saved = iv.dps
+    try:
+        truth = _resolve(fn, args, limit, slack, flip=False)
+        if truth.fragile:
+            truth.alt = _resolve(fn, args, limit, slack, flip=True).value
+    finally:
+        iv.dps = saved
     return truth
 
 
@@ -454,7 +461,7 @@ def _resolve(fn, args, limit, slack, flip) -> Truth:
                 except Undecided:
                     continue
                 except (Undefined, ZeroDivisionError):
-                    return Truth(nan, dps, tie=last)
+                    return Truth(nan, dps, tie=last, undefined=True)
                 lo, hi = _lo(x), _hi(x)
                 if lo > beyond:
                     return Truth(mpmath.mpf("inf"), dps, fragile=_MODE.fragile)
@@ -465,7 +472,8 @@ def _resolve(fn, args, limit, slack, flip) -> Truth:
                 mid, width = (lo + hi) / 2, hi - lo
                 if width <= abs(mid) * mpmath.mpf(2) ** -NARROW_BITS or width <= TINY or last:
                     narrow = width <= abs(mid) * mpmath.mpf(2) ** -NARROW_BITS or width <= TINY
-                    return Truth(mid if narrow else nan, dps, tie=last, fragile=_MODE.fragile)
-        return Truth(nan, PRECISIONS[-1])  # never narrow: reported as unresolved
+                    return Truth(mid if narrow else nan, dps, tie=last, fragile=_MODE.fragile,
+                                 unresolved=not narrow)
+        return Truth(nan, PRECISIONS[-1], unresolved=True)  # never narrow
     finally:
         _MODE.slack, _MODE.flip, _MODE.point = 0.0, False, False

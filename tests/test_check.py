@@ -254,3 +254,36 @@ def test_cli_fails_naming_loss_output_dtype_and_input(tmp_path):
     worst = next(a for a in by_name["hypot_loss"]["accuracy"]
                  if a["dtype"] == "float64" and a["output"] == "value")
     assert worst["max_ulps"] == "inf" and set(worst["worst"]["inputs"]) == {"pred", "label"}
+
+
+# --------------------------------------------------------------------------- review regressions
+
+
+def test_rational_powers_and_precision_state_are_kept():
+    from mpmath import iv
+    t = truth(x ** sympy.Rational(3, 2), 2.0)  # crashed: the exponent was not compiled
+    with mpmath.workdps(40):
+        assert abs(t.value / mpmath.sqrt(8) - 1) < 1e-18
+    before = iv.dps
+    truth(sympy.log(1 + sympy.exp(x)), -700.0)  # needs many digits
+    assert iv.dps == before  # resolve restores the global interval precision
+
+
+def test_ulps_at_the_float32_overflow_threshold():
+    # max32 + half an ulp rounds to inf; just below it rounds to max32 (about 0.5 ulp away)
+    max32 = float(np.finfo(np.float32).max)
+    with mpmath.workprec(200):
+        just_below = mpmath.mpf(max32) + mpmath.ldexp(1, 127 - 24) - mpmath.ldexp(1, 60)
+    assert ulps(max32, just_below, np.float32) < 0.51
+    assert ulps(math.inf, just_below, np.float32) == math.inf
+
+
+def test_finite_differences_fail_on_a_nan_gradient():
+    from losscc.check import LossCheck, _fd_compare
+    from losscc.ir import REAL
+    r = LossCheck("t", "t", 4.0, "")
+    xs = np.linspace(-1, 1, 8)
+    _fd_compare(r, "d/dpred", lambda v: v**2, xs, np.full(8, np.nan), REAL)
+    assert r.fd[-1][-1] is False
+    _fd_compare(r, "d/dpred", lambda v: v**2, xs, 2 * xs, REAL)
+    assert r.fd[-1][-1] is True
