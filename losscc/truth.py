@@ -234,28 +234,20 @@ def _check(x):
     return x
 
 
-def _log(x):
-    if _hi(x) < 0:
-        raise Undefined
-    if _lo(x) < 0:
-        raise Undecided
-    return _widened(iv.log)(x)
+def _from(lower, fn):
+    """fn (widened) on [lower, inf): Undefined wholly below, Undecided across the bound."""
+    wide = _widened(fn)
+
+    def guarded(x):
+        if _hi(x) < lower:
+            raise Undefined
+        if _lo(x) < lower:
+            raise Undecided
+        return wide(x)
+    return guarded
 
 
-def _log1p(x):
-    if _hi(x) < -1:
-        raise Undefined
-    if _lo(x) < -1:
-        raise Undecided
-    return _widened(iv.log1p)(x)
-
-
-def _sqrt(x):
-    if _hi(x) < 0:
-        raise Undefined
-    if _lo(x) < 0:
-        raise Undecided
-    return _widened(iv.sqrt)(x)
+_log, _log1p, _sqrt = _from(0, iv.log), _from(-1, iv.log1p), _from(0, iv.sqrt)
 
 
 def _div(a, b):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import reference as ref
+from losscc.check import EXAMPLE_TOL
 
 EPS = {np.float64: float(np.finfo(np.float64).eps),  # 2.220446049250313e-16
        np.float32: float(np.finfo(np.float32).eps)}  # 1.1920928955078125e-07
@@ -368,13 +369,8 @@ def test_finite_differences(losses, case, layout, reduction):
 
 # --------------------------------------------------------------------------- (c) spec examples
 
-# Tolerances for the examples. Every example's terms are O(1), and some cancel: the Poisson
-# rate gradient 1 - 2/(2 + 1e-8) = 5e-9 is 4.99999997e-9 in float64 (1e-9 relative: the
-# division rounds at the 1e-16 level of its O(1) result) and exactly 0 in float32. So the
-# comparison is relative (1e-12 in float64; 8 eps32 in float32, where inputs such as 0.3 are
-# rounded too) plus an absolute 8 eps of the dtype, i.e. a few ulps of the O(1) terms.
-EX_TOL = {np.float64: (1e-12, 8 * EPS[np.float64]),
-          np.float32: (8 * EPS[np.float32], 8 * EPS[np.float32])}
+# The examples' tolerances are losscc check's own (losscc/check.py says why).
+EX_TOL = EXAMPLE_TOL
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
