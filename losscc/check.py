@@ -15,8 +15,9 @@ A loss passes when every example holds, every finite difference agrees, and no o
 by more than its bound (4 ulps unless the spec declares a looser one with a reason). A
 non-finite result where the true one is finite counts as an infinite error.
 
-The float32 truth is the formula at the float32 inputs and at the float32-rounded parameters
-(the kernel computes with those): errors are the kernel's own, not the rounding of its inputs.
+The float32 truth is the formula at the float32 inputs (what the kernel is given) and at the
+parameters as given (float64: kernels compute in double), so errors are the kernel's own, not
+the rounding of its inputs.
 """
 
 from __future__ import annotations
@@ -465,11 +466,6 @@ def _stat(result, dtype, output) -> Accuracy:
     return result.accuracy.setdefault((name, output), Accuracy(output, name))
 
 
-def _call_params(params, dtype):
-    """The parameters as the kernel sees them (rounded to its dtype)."""
-    return {k: float(np.dtype(dtype).type(v)) for k, v in params.items()}
-
-
 def _measure_elementwise(spec, cls, result, options, dtype, params, n, rng, arrays=None):
     if arrays is None:
         arrays = _elementwise_points(spec, options, dtype, n, rng, params)
@@ -488,7 +484,7 @@ def _measure_elementwise(spec, cls, result, options, dtype, params, n, rng, arra
     computed[f"d/d{spec.pred.name}"].append(grad_h)
     computed[f"d2/d{spec.pred.name}2"] = [hess]
     args, fns = _compiled(spec, options)
-    pv = _call_params(params, dtype)
+    pv = {k: float(v) for k, v in params.items()}
     limit = float(np.finfo(dtype).max)
     for k in range(n):
         point = [float(inputs[i.name][k]) for i in spec.inputs] + [pv[p.name] for p in spec.params]
@@ -525,7 +521,7 @@ def _measure_rows(spec, cls, result, options, kinds, dtype, params, n, C, rng, a
         value_only = loss(**inputs)
     grads = grads if isinstance(grads, tuple) else (grads,)
     args, fns = _compiled(spec, options, C, kinds, wrt)
-    pv = _call_params(params, dtype)
+    pv = {k: float(v) for k, v in params.items()}
     limit = float(np.finfo(dtype).max)
     index = next((i.name for i in spec.inputs if kinds[i.name] == "index"), None)
     for k in range(n):

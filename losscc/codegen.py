@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import jinja2
 import sympy
-from sympy.codegen.ast import float32, float64, real
+from sympy.codegen.ast import float64, real
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import precedence
 
@@ -28,13 +28,19 @@ from .resources import templates_dir
 
 @dataclass(frozen=True)
 class CType:
-    name: str  # C type
+    """A dtype the kernels take and return. Every kernel computes in double whatever it
+    stores: a float32 kernel widens its inputs, computes in double and rounds each output
+    once, so its results are within about half an ulp of float32 wherever the double
+    computation is accurate to 2^-29 (overflow at 3.4e38 in an intermediate, a cancellation
+    of up to 2^29 and float32's 7 digits in exp's argument all disappear)."""
+
+    name: str  # C storage type
     suffix: str  # of kernel names: f32 / f64
-    func_suffix: str  # of libm and helper names: "f" / ""
     numpy: str  # numpy dtype name
 
 
-DTYPES = (CType("float", "f32", "f", "float32"), CType("double", "f64", "", "float64"))
+DTYPES = (CType("float", "f32", "float32"), CType("double", "f64", "float64"))
+COMPUTE = "double"  # the C type every kernel computes in
 MODES = ("v", "vg", "vgh")
 
 
@@ -63,10 +69,8 @@ class LossCPrinter(C99CodePrinter):
 
     HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", LogCosh: "lcc_logcosh"}
 
-    def __init__(self, ctype: CType, input_temps=frozenset()):
-        alias = float32 if ctype.name == "float" else float64
-        super().__init__({"type_aliases": {real: alias}, "strict": True, "math_macros": {}})
-        self.ctype = ctype
+    def __init__(self, input_temps=frozenset()):
+        super().__init__({"type_aliases": {real: float64}, "strict": True, "math_macros": {}})
         self.input_temps = input_temps  # names of cse temporaries that depend on an input
 
     def _print(self, expr, **kwargs):
@@ -79,7 +83,7 @@ class LossCPrinter(C99CodePrinter):
         return super()._print(expr, **kwargs)
 
     def helper(self, name: str, *args) -> str:
-        return f"{name}{self.ctype.func_suffix}({', '.join(self._print(a) for a in args)})"
+        return f"{name}({', '.join(self._print(a) for a in args)})"
 
     def _print_Function(self, expr):
         helper = self.HELPERS.get(type(expr))
@@ -104,7 +108,7 @@ class LossCPrinter(C99CodePrinter):
     def _fold(self, name, args):
         out = self._print(args[0])
         for a in args[1:]:
-            out = f"{name}{self.ctype.func_suffix}({out}, {self._print(a)})"
+            out = f"{name}({out}, {self._print(a)})"
         return out
 
     def _print_Rational(self, expr):
@@ -124,15 +128,10 @@ class LossCPrinter(C99CodePrinter):
     def _literal(self, value: float) -> str:
         if value != value or value in (float("inf"), float("-inf")):
             raise BuildError(f"constant {value} is not finite")
-        if self.ctype.name == "float" and value != 0:
-            if abs(value) > 3.4028234663852886e38:
-                raise BuildError(f"constant {value!r} overflows float32")
-            if abs(value) < 1.401298464324817e-45:
-                raise BuildError(f"constant {value!r} is 0 in float32")
         text = repr(value)
         if "e" not in text and "." not in text:
             text += ".0"
-        return text + ("F" if self.ctype.name == "float" else "")
+        return text
 
     def _print_Pow(self, expr):
         base, exp = expr.base, expr.exp
@@ -141,10 +140,10 @@ class LossCPrinter(C99CodePrinter):
             product = "*".join([self.parenthesize(base, prec)] * abs(int(exp)))
             return f"({product})" if int(exp) > 0 else f"{self._literal(1.0)}/({product})"
         if exp == sympy.S.Half:
-            return f"sqrt{self.ctype.func_suffix}({self._print(base)})"
+            return f"sqrt({self._print(base)})"
         if exp == -sympy.S.Half:
-            return f"{self._literal(1.0)}/sqrt{self.ctype.func_suffix}({self._print(base)})"
-        return f"pow{self.ctype.func_suffix}({self._print(base)}, {self._print(exp)})"
+            return f"{self._literal(1.0)}/sqrt({self._print(base)})"
+        return f"pow({self._print(base)}, {self._print(exp)})"
 
     def _terms(self, expr, order=None) -> list:
         """The terms of a sum in the order they are added: literals, then the terms that
@@ -166,7 +165,7 @@ class LossCPrinter(C99CodePrinter):
             if sum(1 for t in terms if not t.is_Number and reads_input(t, self.input_temps)) >= 2:
                 parts = terms[:2] + ([sympy.Add(*terms[2:])] if len(terms) > 2 else [])
                 return self.helper(f"lcc_exp_sum{len(parts)}", *parts)
-        return f"exp{self.ctype.func_suffix}({self._print(arg)})"
+        return f"exp({self._print(arg)})"
 
     def _print_Add(self, expr, order=None):
         terms = self._terms(expr, order)
@@ -208,7 +207,7 @@ def shared_cse(variant):
     return temps, dict(zip(names, reduced))
 
 
-def kernel_body(ctype: CType, cse_result, mode: str) -> tuple:
+def kernel_body(cse_result, mode: str) -> tuple:
     """(name, C expression) statements of one kernel mode: the temporaries its outputs use,
     in order, then the outputs."""
     temps, outputs = cse_result
@@ -221,7 +220,7 @@ def kernel_body(ctype: CType, cse_result, mode: str) -> tuple:
     for t, e in temps:
         if reads_input(e, input_temps):
             input_temps.add(t.name)
-    printer = LossCPrinter(ctype, frozenset(input_temps))
+    printer = LossCPrinter(frozenset(input_temps))
     lines = [(t.name, printer.doprint(e)) for t, e in temps if t in needed]
     lines += [(n, printer.doprint(outputs[n])) for n in wanted]
     return tuple(lines)
@@ -244,16 +243,12 @@ def generate(sym: SymbolicLoss) -> KernelSource:
     kernels = []
     for variant in sym.variants:
         shared = shared_cse(variant)
-        for ctype in DTYPES:
-            for mode in MODES:
-                try:
-                    body = kernel_body(ctype, shared, mode)
-                except Exception as exc:  # the strict printer met a node it cannot print
-                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    if isinstance(exc, NotImplementedError):  # sympy: "Unsupported by <printer>: f"
-                        reason = f"no C translation for {reason.rsplit(': ', 1)[-1]}"
-                    raise BuildError(f"{spec.loc}: {spec.name}: cannot generate C for variant "
-                                     f"'{variant.key}': {reason}") from None
+        for mode in MODES:
+            try:
+                body = kernel_body(shared, mode)
+            except Exception as exc:  # the strict printer met a node it cannot print
+                raise _cannot_generate(spec, variant, exc) from None
+            for ctype in DTYPES:
                 kernels.append({
                     "cname": kernel_name(spec.name, variant.key, mode, ctype),
                     "mode": mode, "ctype": ctype, "variant": variant.key, "body": body,
@@ -270,6 +265,14 @@ def generate(sym: SymbolicLoss) -> KernelSource:
     return KernelSource(name=spec.name, c_source=c_source, cdef=cdef, meta=runtime_meta(sym))
 
 
+def _cannot_generate(spec, variant, exc) -> BuildError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, NotImplementedError):  # sympy: "Unsupported by <printer>: f"
+        reason = f"no C translation for {reason.rsplit(': ', 1)[-1]}"
+    return BuildError(f"{spec.loc}: {spec.name}: cannot generate C for variant "
+                      f"'{variant.key}': {reason}")
+
+
 # --------------------------------------------------------------------------- row kernels
 
 ROW_MODES = ("v", "vg")
@@ -279,33 +282,29 @@ def _generate_rows(sym: SymbolicLoss, env) -> KernelSource:
     spec = sym.spec
     kernels = []
     for variant in sym.variants:
-        for ctype in DTYPES:
-            for mode in ROW_MODES:
-                try:
-                    k = row_kernel(spec, variant, ctype, mode)
-                except Exception as exc:
-                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    if isinstance(exc, NotImplementedError):
-                        reason = f"no C translation for {reason.rsplit(': ', 1)[-1]}"
-                    raise BuildError(f"{spec.loc}: {spec.name}: cannot generate C for variant "
-                                     f"'{variant.key}': {reason}") from None
-                k["cname"] = kernel_name(spec.name, variant.key, mode, ctype)
-                kernels.append(k)
+        for mode in ROW_MODES:
+            try:
+                k = row_kernel(spec, variant, mode)
+            except Exception as exc:
+                raise _cannot_generate(spec, variant, exc) from None
+            for ctype in DTYPES:
+                kernels.append(dict(k, ctype=ctype, cname=kernel_name(spec.name, variant.key, mode, ctype)))
     ctx = {"spec": spec, "diffs": [i.name for i in spec.differentiable],
            "params": [p.name for p in spec.params], "kernels": kernels}
     return KernelSource(name=spec.name, c_source=env.get_template("rows.c.j2").render(**ctx),
                         cdef=env.get_template("rows.cdef.j2").render(**ctx), meta=runtime_meta(sym))
 
 
-def row_kernel(spec, variant, ctype: CType, mode: str) -> dict:
-    """The template's view of one row kernel: the reads, passes and statements per row."""
+def row_kernel(spec, variant, mode: str) -> dict:
+    """The template's view of one row kernel: the reads, passes and statements per row
+    (the same for every dtype: they compute in COMPUTE)."""
     prog = variant.program
     grad = mode == "vg"
     diffs = [i.name for i in spec.differentiable]
     outputs = [variant.value] + ([prog.grads[n] for n in diffs] if grad else [])
     steps = rows.plan(prog, outputs)
     elements = prog.elements
-    T = ctype.name
+    T = COMPUTE
 
     def gathers(scalars):
         return [{"name": g.sym.name, "source": g.source, "index": g.index.name} for g in scalars]
@@ -340,7 +339,7 @@ def row_kernel(spec, variant, ctype: CType, mode: str) -> dict:
                 finals.append(f"const {T} r{n} = ({T})(fin{n} ? log1p(acc{n}) : log(acc{n}));")
         names = [f"e{st.scalar.n}" if st.role != "lse_tail" else f"z{st.scalar.n}" for st in pass_steps]
         temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
-        body = _print_block(ctype, temps, list(zip(names, reduced)))
+        body = _print_block(temps, list(zip(names, reduced)))
         passes.append({
             "inits": inits, "updates": updates, "finals": finals,
             "reads": _reads(exprs, elements), "temps": body,
@@ -359,16 +358,16 @@ def row_kernel(spec, variant, ctype: CType, mode: str) -> dict:
             class_temps.append((t, e))
         else:
             row_temps.append((t, e))
-    row_lines = _print_block(ctype, row_temps, [("val", reduced[0])])
+    row_lines = _print_block(row_temps, [("val", reduced[0])])
     k = {
-        "ctype": ctype, "grad": grad,
+        "grad": grad,
         "inputs": [{"name": i.name, "kind": variant.kinds[i.name], "ignore": i.ignore}
                    for i in spec.inputs],
         "pre": gathers(steps.pre), "passes": passes,
         "row_temps": row_lines[:-1], "val": row_lines[-1][1],
     }
     if grad:
-        lines = _print_block(ctype, class_temps, list(zip(diffs, reduced[1:])), known=row_temps)
+        lines = _print_block(class_temps, list(zip(diffs, reduced[1:])), known=row_temps)
         k["grad_temps"] = lines[:len(lines) - len(diffs)]
         k["grads"] = lines[len(lines) - len(diffs):]
         k["grad_reads"] = _reads([e for _, e in class_temps] + reduced[1:], elements)
@@ -381,13 +380,13 @@ def _reads(exprs, elements) -> list:
     return [name for x, name in elements.items() if x in used]
 
 
-def _print_block(ctype, temps, outputs, known=()) -> list:
+def _print_block(temps, outputs, known=()) -> list:
     """(name, C expression) lines for cse temporaries and named outputs."""
     input_temps = set()
     for t, e in [*known, *temps]:
         if reads_input(e, input_temps):
             input_temps.add(t.name)
-    printer = LossCPrinter(ctype, frozenset(input_temps))
+    printer = LossCPrinter(frozenset(input_temps))
     return [(t.name, printer.doprint(e)) for t, e in temps] + \
         [(n, printer.doprint(e)) for n, e in outputs]
 
