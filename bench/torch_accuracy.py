@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """PyTorch's losses measured the way `losscc check` measures losscc's kernels.
 
     python bench/torch_accuracy.py [--samples 40] [--seed 0] [--json FILE] [--out DIR]
@@ -41,8 +40,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
 
 import mpmath
 import numpy as np
@@ -55,6 +55,7 @@ from losscc.runtime import load_module
 from losscc.spec import load_spec, parse_spec, spec_files
 from losscc.truth import resolve
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the spec folder's default
 VERIFY_C = 4  # classes of the ordinary rows
 
 # --------------------------------------------------------------------------- torch's own definitions
@@ -142,7 +143,9 @@ def _squared_l2(a, b):
 def mappings() -> list[Mapping]:
     return [
         Mapping("l2", "l2", "0.5 * F.mse_loss", lambda o: True,
-                lambda F, T, t, p, o: 0.5 * F.mse_loss(t["pred"], t["label"], reduction="none")),
+                lambda F, T, t, p, o: 0.5 * F.mse_loss(t["pred"], t["label"], reduction="none"),
+                note="mse_loss's (p - l)^2 and its gradient 2 (p - l) overflow before the halving, "
+                     "for |p - l| near the largest float"),
         Mapping("l1", "l1", "F.l1_loss", lambda o: True,
                 lambda F, T, t, p, o: F.l1_loss(t["pred"], t["label"], reduction="none")),
         Mapping("huber", "huber", "F.smooth_l1_loss(beta=rho)", lambda o: True,
@@ -378,9 +381,9 @@ def measure(result, truth_spec, spec, kinds, options, dtype, params, arrays, n, 
     values, grads = run_torch(m, spec, kinds, arrays, tparams, options, dtype, wrt)
     topts = {v.name: options[v.name] for v in truth_spec.variants}
     if C is None:
-        args, fns = _compiled(truth_spec, topts)
+        _, fns = _compiled(truth_spec, topts)
     else:
-        args, fns = _compiled(truth_spec, topts, C, kinds, wrt)
+        _, fns = _compiled(truth_spec, topts, C, kinds, wrt)
     limit = float(np.finfo(dtype).max)
     index = next((i.name for i in spec.inputs if spec.is_row and kinds[i.name] == "index"), None)
     for k in range(n):
@@ -452,7 +455,8 @@ def verify(mapping, spec, cls, seed: int) -> dict:
             with np.errstate(all="ignore"):
                 v, g = loss.value_and_grad(**arrays, wrt=tuple(wrt))
             g = g if isinstance(g, tuple) else (g,)
-            for name, a, b in [("value", values, v)] + [(f"d/d{w}", grads[w], gw) for w, gw in zip(wrt, g)]:
+            pairs = [("value", values, v)] + [(f"d/d{w}", grads[w], gw) for w, gw in zip(wrt, g, strict=True)]
+            for name, a, b in pairs:
                 a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
                 with np.errstate(all="ignore"):
                     rel = np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-300)
@@ -488,8 +492,8 @@ def _cell(x: float) -> str:
 
 
 def table(results) -> str:
-    lines = ["| loss | torch function | f64 value | f64 grad | f32 value | f32 grad "
-             "| non-finite f64 (value+grad) | non-finite f32 (value+grad) |",
+    lines = [("| loss | torch function | f64 value | f64 grad | f32 value | f32 grad "
+             "| non-finite f64 (value+grad) | non-finite f32 (value+grad) |"),
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         cells = [_cell(r.cell(d, g)) for d in ("float64", "float32") for g in (False, True)]
@@ -500,8 +504,8 @@ def table(results) -> str:
 
 
 def details(results) -> str:
-    lines = ["| loss | dtype | output | points | max | max of finite results | median | non-finite "
-             "(truth finite) | other inf errors | kinks | unresolved |",
+    lines = [("| loss | dtype | output | points | max | max of finite results | median | non-finite "
+             "(truth finite) | other inf errors | kinks | unresolved |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         for (dtype, output), s in r.stats.items():
@@ -520,7 +524,7 @@ def to_json(results, verification, args, seconds) -> dict:
     for r in results:
         row = {"loss": r.mapping.row, "spec": r.mapping.spec, "torch_function": r.mapping.torch,
                "note": r.mapping.note, "truth": "torch's definition" if r.mapping.truth else "spec",
-               "verification_max_rel_diff": {k: _num(v) for k, v in verification.get(r.mapping.row, {}).items()},
+               "verification_vs_losscc": {k: _num(v) for k, v in verification.get(r.mapping.row, {}).items()},
                "skipped_parameter_settings": r.skipped_settings, "seconds": round(r.seconds, 2),
                "table": {f"{d} {'grad' if g else 'value'}": _num(r.cell(d, g))
                          for d in ("float64", "float32") for g in (False, True)},
@@ -553,11 +557,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from pathlib import Path
-
     # relative to the working directory, as `losscc check specs/` names it: the build cache is
     # keyed by the spec paths, so the same form reuses check's build instead of redoing it
-    specs_dir = args.specs or os.path.relpath(Path(__file__).resolve().parents[1] / "specs")
+    specs_dir = args.specs or os.path.relpath(CHECKOUT / "specs")
     t0 = time.perf_counter()
     specs = {s.name: s for s in (load_spec(f) for f in spec_files([specs_dir]))}
     report = build([specs_dir], out=args.out, name="losscc_check", log=lambda *a: None)
@@ -580,16 +582,16 @@ def main(argv=None) -> int:
                     r.seconds += time.perf_counter() - t1
     seconds = time.perf_counter() - t0
 
-    text = [f"PyTorch {torch.__version__} vs the true result, max ulps over `losscc check --samples "
+    text = [(f"PyTorch {torch.__version__} vs the true result, max ulps over `losscc check --samples "
             f"{args.samples} --seed {args.seed}`'s inputs (inf: a result that is inf or NaN where the "
             f"truth is finite, or not the truth's infinity where it is infinite). grad: every "
             f"first derivative the spec declares. non-finite: how many values / gradient entries are "
-            f"inf or NaN where the truth is finite.\n", table(results), "",
+            f"inf or NaN where the truth is finite.\n"), table(results), "",
             "Notes:"]
     text += [f"- {m.row}: {m.note}" for m in maps if m.note]
     text += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in SKIPPED.items()]
-    text += ["", "Mappings checked against losscc (float64, ordinary points: max relative difference "
-                 "of each output, and the value's max absolute difference; the value's bound in brackets):"]
+    text += ["", ("Mappings checked against losscc (float64, ordinary points: max relative difference "
+                 "of each output, and the value's max absolute difference; the value's bound in brackets):")]
     for m in maps:
         if m.truth:
             continue

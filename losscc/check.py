@@ -35,7 +35,7 @@ from .build import build
 from .ir import Domain
 from .runtime import load_module
 from .spec import load_spec, spec_files
-from .truth import compile_interval, elementwise_outputs, resolve, row_outputs
+from .truth import compile_interval, condition, elementwise_outputs, resolve, row_outputs
 
 DTYPES = (np.float64, np.float32)
 PRECISION = {np.float64: (53, -1074), np.float32: (24, -149)}  # (mantissa bits, log2 of the smallest ulp)
@@ -63,6 +63,7 @@ class Accuracy:
     worst: dict | None = None
     unresolved: int = 0  # points whose truth could not be settled (not counted)
     kinks: int = 0  # points within rounding of a branch boundary where the kernel took the other side
+    conditioned: int = 0  # points within the bound only in ulps of the formula's conditioning
 
     @property
     def max(self) -> float:
@@ -88,6 +89,7 @@ class LossCheck:
     path: str
     bound: float
     reason: str
+    conditioned: bool = False  # the bound is in ulps of max(|f|, sum |x_i df/dx_i|)
     examples: list = field(default_factory=list)  # (where, dtype, ok, message)
     fd: list = field(default_factory=list)  # (output, max error, points, skipped, ok)
     accuracy: dict = field(default_factory=dict)  # (dtype, output) -> Accuracy
@@ -108,14 +110,15 @@ class LossCheck:
 
     def to_json(self) -> dict:
         return {
-            "name": self.name, "spec": self.path, "bound_ulps": self.bound, "bound_reason": self.reason,
+            "name": self.name, "spec": self.path, "bound_ulps": self.bound,
+            "bound_conditioned": self.conditioned, "bound_reason": self.reason,
             "ok": self.ok, "failures": self.failures, "seconds": round(self.seconds, 2),
             "examples": [{"where": w, "dtype": d, "ok": ok, "message": m} for w, d, ok, m in self.examples],
             "finite_differences": [{"output": o, "max_error": e, "points": n, "skipped": s, "ok": ok}
                                    for o, e, n, s, ok in self.fd],
             "accuracy": [{"dtype": a.dtype, "output": a.output, "max_ulps": _json_num(a.max),
                           "median_ulps": _json_num(a.median), "points": len(a.errors),
-                          "unresolved": a.unresolved, "kinks": a.kinks,
+                          "unresolved": a.unresolved, "kinks": a.kinks, "conditioned": a.conditioned,
                           "worst": {k: _json_num(v) if isinstance(v, float) else v
                                     for k, v in (a.worst or {}).items()}}
                          for a in self.accuracy.values()],
@@ -151,7 +154,8 @@ def check(paths, samples: int = 400, seed: int = 0, out="build", log=print) -> l
     for spec in specs:
         t0 = time.perf_counter()
         cls = module.LOSSES[spec.name]
-        result = LossCheck(spec.name, spec.path, spec.accuracy, spec.accuracy_reason)
+        result = LossCheck(spec.name, spec.path, spec.accuracy, spec.accuracy_reason,
+                           spec.accuracy_conditioned)
         rng = np.random.default_rng([seed, *spec.name.encode()])
         _examples(cls, result)
         _finite_differences(spec, cls, result, rng)
@@ -382,10 +386,11 @@ def _simplex(n, C, rng):
 # --------------------------------------------------------------------------- accuracy
 
 
-def ulps(computed: float, true, dtype) -> float:
+def ulps(computed: float, true, dtype, scale=0) -> float:
     """|computed - true| in units of the last place of `true` in `dtype` (true is an mpf, maybe
-    +-inf). A true value beyond the largest float rounds to +-inf: that result is exact. A
-    non-finite result for a finite truth is an infinite error."""
+    +-inf), or of `scale` where that is larger. A true value beyond the largest float rounds
+    to +-inf: that result is exact. A non-finite result for a finite truth is an infinite
+    error."""
     p, emin = PRECISION[dtype]
     info = np.finfo(dtype)
     with mpmath.workprec(80):  # max + half an ulp, exactly: where rounding goes to inf
@@ -395,24 +400,57 @@ def ulps(computed: float, true, dtype) -> float:
         return 0.0 if computed == (math.inf if true > 0 else -math.inf) else math.inf
     if not math.isfinite(computed):
         return math.inf
-    if true == 0:
+    size = max(abs(true), scale)
+    if size == 0:
         e = emin
     else:
-        _, exponent = mpmath.frexp(true)
+        _, exponent = mpmath.frexp(size)
         e = max(int(exponent) - p, emin)
     return float(abs(mpmath.mpf(computed) - true) / mpmath.ldexp(1, e))
 
 
-def _error(got: float, truth, dtype, stat) -> float:
+def _error(got: float, truth, dtype, stat, cond=None) -> float:
     """The error in ulps; at a fragile branch decision (truth.alt) the better of the two sides,
-    counted in stat.kinks when the other side was the closer one."""
+    counted in stat.kinks when the other side was the closer one. With `cond` (a conditioned
+    bound, _Conditioning) an error beyond the bound is measured again in ulps of the formula's
+    conditioning at the point, counted in stat.conditioned when that is what passes it."""
     err = ulps(got, truth.value, dtype)
+    sides = [truth.value]
     if truth.alt is not None and not mpmath.isnan(truth.alt):
+        sides.append(truth.alt)
         other = ulps(got, truth.alt, dtype)
         if other < err:
             stat.kinks += 1
-            return other
+            err = other
+    if cond is not None and err > cond.bound:
+        scale = cond()
+        if mpmath.isfinite(scale):
+            relative = min(ulps(got, t, dtype, scale) for t in sides)
+            if relative < err:
+                stat.conditioned += 1
+                err = relative
     return err
+
+
+class _Conditioning:
+    """The conditioning of one output at one point (truth.condition over the real-valued
+    arguments), computed once and only if asked."""
+
+    def __init__(self, fn, point, vary, bound):
+        self.fn, self.point, self.vary, self.bound = fn, point, vary, bound
+        self.scale = None
+
+    def __call__(self):
+        if self.scale is None:
+            self.scale = condition(self.fn, self.point, self.vary)
+        return self.scale
+
+
+def _varying(spec, options, args) -> tuple:
+    """Indices of the arguments that carry rounding: every parameter, and every input but
+    those whose domain is a finite set (labels in {-1, 1}); row elements are `name__j`."""
+    discrete = {i.name for i in spec.inputs if i.domain_for(options).values}
+    return tuple(n for n, a in enumerate(args) if a.name.split("__")[0] not in discrete)
 
 
 def _slack(dtype) -> float:
@@ -484,6 +522,7 @@ def _measure_elementwise(spec, cls, result, options, dtype, params, n, rng, arra
     computed[f"d/d{spec.pred.name}"].append(grad_h)
     computed[f"d2/d{spec.pred.name}2"] = [hess]
     args, fns = _compiled(spec, options)
+    vary = _varying(spec, options, args)
     pv = {k: float(v) for k, v in params.items()}
     limit = float(np.finfo(dtype).max)
     for k in range(n):
@@ -494,9 +533,10 @@ def _measure_elementwise(spec, cls, result, options, dtype, params, n, rng, arra
             if mpmath.isnan(truth.value):
                 stat.unresolved += truth.unresolved
                 continue
+            cond = _Conditioning(fn, point, vary, result.bound) if result.conditioned else None
             for array in computed[output]:  # every kernel that computes this output
                 got = float(array[k])
-                err = _error(got, truth, dtype, stat)
+                err = _error(got, truth, dtype, stat, cond)
                 stat.add(err, {"variant": options, "params": params,
                                "inputs": {i.name: float(inputs[i.name][k]) for i in spec.inputs},
                                "computed": got, "true": mpmath.nstr(truth.value, 17)}
@@ -521,6 +561,7 @@ def _measure_rows(spec, cls, result, options, kinds, dtype, params, n, C, rng, a
         value_only = loss(**inputs)
     grads = grads if isinstance(grads, tuple) else (grads,)
     args, fns = _compiled(spec, options, C, kinds, wrt)
+    vary = _varying(spec, options, args)
     pv = {k: float(v) for k, v in params.items()}
     limit = float(np.finfo(dtype).max)
     index = next((i.name for i in spec.inputs if kinds[i.name] == "index"), None)
@@ -542,9 +583,10 @@ def _measure_rows(spec, cls, result, options, kinds, dtype, params, n, C, rng, a
             if mpmath.isnan(truth.value):
                 stat.unresolved += truth.unresolved
                 continue
+            cond = _Conditioning(fn, point, vary, result.bound) if result.conditioned else None
             if output == "value":
                 got = float(value[k])
-                err = _error(float(value_only[k]), truth, dtype, stat)
+                err = _error(float(value_only[k]), truth, dtype, stat, cond)
                 stat.add(err, {"variant": options, "params": params, "output": "value (v kernel)",
                                "inputs": {i.name: inputs[i.name][k].tolist() for i in spec.inputs},
                                "computed": float(value_only[k]), "true": mpmath.nstr(truth.value, 17)}
@@ -552,7 +594,7 @@ def _measure_rows(spec, cls, result, options, kinds, dtype, params, n, C, rng, a
             else:
                 name, j = output[3:].split("[")
                 got = float(grads[wrt.index(name)][k][perm[int(j[:-1])]])
-            err = _error(got, truth, dtype, stat)
+            err = _error(got, truth, dtype, stat, cond)
             stat.add(err, {"variant": options, "params": params, "output": output,
                            "inputs": {i.name: inputs[i.name][k].tolist() for i in spec.inputs},
                            "computed": got, "true": mpmath.nstr(truth.value, 17)}
@@ -685,7 +727,8 @@ def format_loss(r: LossCheck) -> str:
     fd = ", ".join(f"{o} {e:.1e} ({n} pts)" for o, e, n, _, _ in r.fd)
     lines.append(f"  finite differences (float64, max relative error beyond rounding): {fd}")
     bound = f"bound {r.bound:g} ulps" + (f" ({r.reason})" if r.reason else "")
-    lines.append(f"  accuracy, ulps of the true result, max / median ({bound}):")
+    of = "max(|true result|, its conditioning sum |x df/dx|)" if r.conditioned else "the true result"
+    lines.append(f"  accuracy, ulps of {of}, max / median ({bound}):")
     outputs = list(dict.fromkeys(a.output for a in r.accuracy.values()))
     for output in outputs:
         cells = []
@@ -698,6 +741,9 @@ def format_loss(r: LossCheck) -> str:
     if kinks or unresolved:
         lines.append(f"  {kinks} results within rounding of a kink matched its other side; "
                      f"{unresolved} truths never resolved (not counted)")
+    conditioned = sum(a.conditioned for a in r.accuracy.values())
+    if conditioned:
+        lines.append(f"  {conditioned} results were within the bound only in ulps of the conditioning")
     for failure in r.failures:
         lines.append(f"  FAIL {failure}")
     return "\n".join(lines)
@@ -713,8 +759,12 @@ def summary_table(results) -> str:
             v = max((a.max for (d, o), a in r.accuracy.items() if d == dtype and o == "value"), default=0.0)
             g = max((a.max for (d, o), a in r.accuracy.items() if d == dtype and o != "value"), default=0.0)
             cells += [_fmt(v), _fmt(g)]
-        lines.append(f"{r.name:<24}" + "".join(f"{c:>11}" for c in cells) + f"{r.bound:>7g}  "
+        bound = f"{r.bound:g}" + ("c" if r.conditioned else "")
+        lines.append(f"{r.name:<24}" + "".join(f"{c:>11}" for c in cells) + f"{bound:>7}  "
                      + ("ok" if r.ok else "FAILED"))
+    if any(r.conditioned for r in results):
+        lines.append("c: in ulps of max(|true result|, sum over inputs x of |x df/dx|), the "
+                     "error the formula's own conditioning allows (the spec says why)")
     return "\n".join(lines)
 
 

@@ -192,9 +192,11 @@ class LossSpec:
     # Row losses: the default class axis (an int, or None: every non-batch axis is the row).
     axis: int | None = -1
     # The accuracy `losscc check` holds the kernels to, in ulps of the true result, and why
-    # when it is looser than the default.
+    # when it is looser than the default. Conditioned: in ulps of max(|f|, sum |x_i df/dx_i|)
+    # instead, the error the formula's own conditioning allows (truth.condition).
     accuracy: float = 4.0
     accuracy_reason: str = ""
+    accuracy_conditioned: bool = False
 
     @property
     def is_row(self) -> bool:

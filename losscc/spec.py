@@ -281,30 +281,37 @@ class _Validator:
         if "examples" in top:
             examples = self.examples(top["examples"][1], inputs, params, variants)
         inputs = tuple(self.domain(i, variants) for i in inputs)
-        accuracy, reason = DEFAULT_ACCURACY, ""
+        accuracy, conditioned, reason = DEFAULT_ACCURACY, False, ""
         if "accuracy" in top:
-            accuracy, reason = self.accuracy(top["accuracy"][1])
+            accuracy, conditioned, reason = self.accuracy(top["accuracy"][1])
         return LossSpec(
             name=name, path=self.label, loc=self.loc(top["name"][1]), summary=summary,
             reference=reference, doc=doc, aliases=aliases, inputs=inputs, params=params,
             variants=variants, let=let, loss=loss, examples=examples, source_hash=source_hash,
             positional=positional, alias_locs=alias_locs, axis=axis, accuracy=accuracy,
-            accuracy_reason=reason,
+            accuracy_reason=reason, accuracy_conditioned=conditioned,
         )
 
     def accuracy(self, node) -> tuple:
-        """accuracy: {ulps: N, reason: why}: a looser bound than the default, with its reason."""
-        fields = self.options(node, "accuracy", ("ulps", "reason"))
-        if "ulps" not in fields or "reason" not in fields:
-            self.fail(node, "accuracy needs 'ulps' (the bound) and 'reason' (why the default "
-                            f"{DEFAULT_ACCURACY:g} ulps cannot hold)")
-        ulps = self.number(fields["ulps"][1], "accuracy ulps")
-        if not ulps >= 1:
-            self.fail(fields["ulps"][1], f"accuracy ulps must be >= 1, got {ulps!r}")
+        """accuracy: {ulps: N, conditioned: true, reason: why}: a looser bound than the default
+        (more ulps, or ulps of the formula's conditioning rather than of the result), with its
+        reason. Returns (ulps, conditioned, reason)."""
+        fields = self.options(node, "accuracy", ("ulps", "conditioned", "reason"))
+        if ("ulps" not in fields and "conditioned" not in fields) or "reason" not in fields:
+            self.fail(node, "accuracy needs 'ulps' (the bound) or 'conditioned: true', and "
+                            f"'reason' (why the default {DEFAULT_ACCURACY:g} ulps cannot hold)")
+        ulps = DEFAULT_ACCURACY
+        if "ulps" in fields:
+            ulps = self.number(fields["ulps"][1], "accuracy ulps")
+            if not ulps >= 1:
+                self.fail(fields["ulps"][1], f"accuracy ulps must be >= 1, got {ulps!r}")
+        conditioned = False
+        if "conditioned" in fields:
+            conditioned = self.boolean(fields["conditioned"][1], "accuracy conditioned")
         reason = self.string(fields["reason"][1], "accuracy reason").strip()
         if not reason:
             self.fail(fields["reason"][1], "accuracy reason is empty: say why the bound is looser")
-        return ulps, reason
+        return ulps, conditioned, reason
 
     def domain(self, inp: InputSpec, variants) -> InputSpec:
         """The input's `domain:` (kept aside by inputs()), parsed now that variants are known."""

@@ -438,6 +438,45 @@ def resolve(fn, args, limit: float, slack: float = 0.0) -> Truth:
     return truth
 
 
+CONDITION_DPS = 60
+CONDITION_STEP = mpmath.mpf(2) ** -100  # relative
+
+
+def condition(fn, args, vary) -> mpmath.mpf:
+    """sum over i in `vary` of |x_i * df/dx_i| at the point `args`: how far f moves when each
+    of those inputs moves by its own relative rounding, per unit of that rounding. An error
+    this size times the working precision is inherent to the formula at this point (its
+    componentwise condition times |f|), whatever the algorithm.
+
+    Forward differences with a relative step of 2^-100 at 60 digits, branches decided on
+    midpoints: truncation and evaluation noise are both below 10^-30 relative. Returns nan
+    where f cannot be evaluated at the point or its neighbours."""
+    saved = iv.dps
+    iv.dps = CONDITION_DPS
+    _MODE.point = True
+    try:
+        with mp.workdps(CONDITION_DPS):
+            def at(xs):
+                y = fn([iv.mpf(a) for a in xs])
+                return (_lo(y) + _hi(y)) / 2
+
+            base = at(args)
+            total = mpmath.mpf(0)
+            for i in vary:
+                x = mpmath.mpf(args[i])
+                if x == 0:
+                    continue
+                moved = list(args)
+                moved[i] = x * (1 + CONDITION_STEP)
+                total += abs(at(moved) - base) / CONDITION_STEP
+            return total if mpmath.isfinite(total) else mpmath.mpf("nan")
+    except (Undecided, Undefined, ZeroDivisionError):
+        return mpmath.mpf("nan")
+    finally:
+        _MODE.point = False
+        iv.dps = saved
+
+
 def _resolve(fn, args, limit, slack, flip) -> Truth:
     nan = mpmath.mpf("nan")
     beyond = mpmath.mpf(limit) * 2

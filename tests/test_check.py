@@ -15,10 +15,10 @@ import pytest
 import sympy
 
 from conftest import ROOT, SPECS
-from losscc.check import check, ulps
+from losscc.check import Accuracy, _Conditioning, _error, check, summary_table, ulps
 from losscc.errors import SpecError
 from losscc.spec import parse_domain, parse_spec
-from losscc.truth import compile_interval, resolve
+from losscc.truth import compile_interval, condition, resolve
 
 F64 = float(np.finfo(np.float64).max)
 x, y = sympy.symbols("x y", real=True)
@@ -142,10 +142,15 @@ def test_domains_by_variant_and_the_docstring(losses):
 
 def test_accuracy_key_needs_a_reason():
     text = BASE.replace("DOMAIN", "real") + "accuracy: {ulps: 8}\n"
-    with pytest.raises(SpecError, match=r"t.yaml:10:11: accuracy needs 'ulps' \(the bound\) and 'reason'"):
+    with pytest.raises(SpecError, match=r"t.yaml:10:11: accuracy needs 'ulps' \(the bound\) or "
+                                        r"'conditioned: true', and 'reason'"):
         parse_spec(text, "t.yaml")
     spec = parse_spec(BASE.replace("DOMAIN", "real") + "accuracy: {ulps: 8, reason: because}\n", "t.yaml")
-    assert (spec.accuracy, spec.accuracy_reason) == (8.0, "because")
+    assert (spec.accuracy, spec.accuracy_reason, spec.accuracy_conditioned) == (8.0, "because", False)
+    spec = parse_spec(BASE.replace("DOMAIN", "real") + "accuracy: {conditioned: true, reason: x}\n", "t.yaml")
+    assert (spec.accuracy, spec.accuracy_conditioned) == (4.0, True)
+    with pytest.raises(SpecError, match=r"t.yaml:10:25: accuracy conditioned must be true or false, got 1"):
+        parse_spec(BASE.replace("DOMAIN", "real") + "accuracy: {conditioned: 1, reason: x}\n", "t.yaml")
 
 
 def test_outside_the_domain_is_the_written_formula(losses):
@@ -254,6 +259,69 @@ def test_cli_fails_naming_loss_output_dtype_and_input(tmp_path):
     worst = next(a for a in by_name["hypot_loss"]["accuracy"]
                  if a["dtype"] == "float64" and a["output"] == "value")
     assert worst["max_ulps"] == "inf" and set(worst["worst"]["inputs"]) == {"pred", "label"}
+
+
+# --------------------------------------------------------------------------- conditioned bound
+
+
+def test_condition_is_the_sensitivity_to_each_inputs_rounding():
+    # sum_i |x_i df/dx_i|, by hand: x - y -> |x| + |y|; x*y -> 2|xy|; only the inputs in vary
+    f = compile_interval(x - y, (x, y))
+    assert abs(condition(f, [1.0, 1 - 2.0**-30], (0, 1)) - (2 - 2.0**-30)) < 1e-25
+    assert abs(condition(f, [1.0, 1 - 2.0**-30], (1,)) - (1 - 2.0**-30)) < 1e-25
+    assert abs(condition(compile_interval(x * y, (x, y)), [3.0, -5.0], (0, 1)) - 30) < 1e-25
+    # undefined at the point: nan (the strict measure stands)
+    assert mpmath.isnan(condition(compile_interval(sympy.log(x), (x,)), [-1.0], (0,)))
+
+
+def _measured(expr, point, computed):
+    fn = compile_interval(expr, (x, y))
+    t = resolve(fn, point, F64, 0.0)
+    stat = Accuracy("value", "float64")
+    strict = _error(computed, t, np.float64, Accuracy("value", "float64"))
+    conditioned = _error(computed, t, np.float64, stat, _Conditioning(fn, point, (0, 1), 4.0))
+    return strict, conditioned, stat.conditioned
+
+
+def test_the_conditioned_bound_excuses_only_what_the_inputs_rounding_would_cause():
+    # p**2 - l**2 at p = 1e8 + 1, l = 1e8: p*p rounds (it needs 54 bits), an error of ~1 in a
+    # result of 2e8 + 1: millions of ulps of the result, but rounding p or l alone moves the
+    # formula by ~4e16 * 2^-53, so within 1 ulp of the conditioning.
+    p, q = 1e8 + 1, 1e8
+    strict, conditioned, counted = _measured(x**2 - y**2, [p, q], p * p - q * q)
+    assert strict > 1e6 and conditioned <= 1 and counted == 1
+    # exp(p) - exp(l) near 1e-3: exp's own rounding (1e-16 absolute) is far beyond what the
+    # inputs' rounding moves it (|p e^p| + |l e^l| ~ 2e-3, times 2^-53): not excused.
+    p, q = 1e-3 + 1e-12, 1e-3
+    strict, conditioned, counted = _measured(sympy.exp(x) - sympy.exp(y), [p, q], math.exp(p) - math.exp(q))
+    assert conditioned > 4 and counted == 1 and strict > conditioned
+
+
+SQUARES = textwrap.dedent("""\
+    name: squares
+    summary: A difference of squares, ill-conditioned where pred ~ label.
+    reference: a test
+    inputs:
+      pred: {domain: "[-1000, 1000]"}
+      label: {domain: "[-1000, 1000]"}
+    loss: pred**2 - label**2
+    """)
+
+
+def test_a_conditioned_spec_passes_where_the_strict_bound_cannot(tmp_path):
+    (tmp_path / "strict").mkdir()
+    (tmp_path / "strict" / "squares.yaml").write_text(SQUARES)
+    [r] = check([tmp_path / "strict"], samples=40, out=tmp_path / "b1", log=lambda *a: None)
+    assert not r.ok and "value (float64)" in r.failures[0]
+    (tmp_path / "cond").mkdir()
+    (tmp_path / "cond" / "squares.yaml").write_text(
+        SQUARES + "accuracy: {conditioned: true, reason: the two squares cancel}\n")
+    [r] = check([tmp_path / "cond"], samples=40, out=tmp_path / "b2", log=lambda *a: None)
+    assert r.ok, r.failures
+    assert sum(a.conditioned for a in r.accuracy.values()) > 0
+    table = summary_table([r])
+    assert "     4c  ok" in table and "c: in ulps of max(|true result|" in table
+    assert r.to_json()["bound_conditioned"] is True
 
 
 # --------------------------------------------------------------------------- review regressions
