@@ -265,15 +265,15 @@ def _inside(domain, x, dtype):
     return t(min(max(x, domain.lo), domain.hi))
 
 
-def _near(base, domain, dtype, rng):
+def _near(base, domain, dtype, rng, fallback):
     """Values close to `base` (relative distance 1e-12 .. 1e-1, either side): where a
-    difference of the two cancels."""
+    difference of the two cancels. Where that leaves `domain` (or overflows), `fallback`."""
     n = base.shape
     delta = 10.0 ** rng.uniform(-12, -1, n) * rng.choice([-1.0, 1.0], n)
     with np.errstate(over="ignore", invalid="ignore"):
         out = (base.astype(np.float64) * (1 + delta)).astype(dtype)
     ok = np.isfinite(out) & np.array([domain.contains(float(x)) for x in np.ravel(out)]).reshape(n)
-    return np.where(ok, out, base)
+    return np.where(ok, out, fallback)
 
 
 def _params(spec, rng, settings=3) -> list[dict]:
@@ -312,14 +312,14 @@ def _elementwise_points(spec, options, dtype, n, rng, params):
         if first is None:
             first = (x, domain)
         elif not domain.values:
-            x = np.where(rng.uniform(size=n) < 0.3, _near(first[0], domain, dtype, rng), x)
+            x = np.where(rng.uniform(size=n) < 0.3, _near(first[0], domain, dtype, rng, x), x)
         arrays[inp.name] = x
-    pred_domain = first[1]
+    pred, pred_domain = first
     for v in params.values():
-        target = np.full(n, v) * rng.choice([-1.0, 1.0], n)
-        close = _near(target.astype(dtype), pred_domain, dtype, rng)
-        ok = np.array([pred_domain.contains(float(c)) for c in close])
-        arrays[spec.pred.name] = np.where((rng.uniform(size=n) < 0.05) & ok, close, arrays[spec.pred.name])
+        with np.errstate(over="ignore"):
+            target = (np.full(n, v) * rng.choice([-1.0, 1.0], n)).astype(dtype)
+        pred = np.where(rng.uniform(size=n) < 0.05, _near(target, pred_domain, dtype, rng, pred), pred)
+    arrays[spec.pred.name] = pred
     return arrays
 
 
@@ -342,11 +342,11 @@ def _row_points(spec, options, kinds, dtype, n, C, rng):
             rows = _simplex(n, C, rng)
         elif domain.values or (math.isfinite(domain.lo) and math.isfinite(domain.hi)) \
                 or not (math.isinf(domain.lo) and math.isinf(domain.hi)):
-            rows = _draw(domain, n * C, np.float64, rng).reshape(n, C)
+            rows = _draw(domain, n * C, dtype, rng).reshape(n, C)  # in dtype: stays inside
         else:
             rows = _real_rows(n, C, labels, rng, dtype)
             if first is not None:
-                near = _near(first, domain, np.float64, rng)
+                near = _near(first, domain, np.float64, rng, rows)
                 rows = np.where(rng.uniform(size=(n, 1)) < 0.3, near, rows)
         with np.errstate(over="ignore"):
             rows = np.clip(rows, -np.finfo(dtype).max, np.finfo(dtype).max).astype(dtype)

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     c.add_argument("specs", nargs="+", help="spec files or folders of *.yaml")
     c.add_argument("--samples", type=_positive_int, default=400,
                    help="sweep points per variant and dtype (default: 400; the full sweep: 10000)")
-    c.add_argument("--seed", type=int, default=0, help="random seed of the sweep (default: 0)")
+    c.add_argument("--seed", type=_natural, default=0, help="random seed of the sweep (default: 0)")
     c.add_argument("--out", default="build", help="where to build the kernels (default: build, "
                                                   "as the package losscc_check)")
     c.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-': stdout only)")
@@ -56,11 +56,19 @@ def _build(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+_positive_int, _natural = _at_least(1), _at_least(0)
 
 
 def _check(args) -> int:

@@ -152,9 +152,12 @@ def _docstring(meta: dict) -> str:
         extra = " (differentiable)" if i["differentiable"] else ""
         extra = " (differentiable, opt-in: wrt=...)" if i.get("optional_grad") else extra
         extra += " (a row along the class axis)" if i.get("row") else ""
-        extra += " (class indices)" if i.get("index_into") else ""
+        domain = f" in {i['domain']}" if i.get("domain", "real") != "real" else ""
+        if i.get("index_into"):  # the domain is the row form's
+            extra += f" (class indices, or a row{domain} where the variant uses it whole)"
+            domain = ""
         extra += f" (optional, default {i['default']:g})" if i["default"] is not None else ""
-        extra += f" in {i['domain']}" if i.get("domain", "real") != "real" else ""
+        extra += domain
         lines.append(f"    {i['name']}{extra}" + (f": {i['doc']}" if i["doc"] else ""))
     lines.append("    (Domains are not checked: outside one, the loss is its written formula, "
                  "which may be NaN.)")

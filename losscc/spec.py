@@ -318,15 +318,11 @@ class _Validator:
         node = self._domain_nodes.get(inp.name)
         if node is None:
             return inp
-        out = self.domain_of(inp, node, variants)
-        for _, d in out.domain_by[1] if out.domain_by else [(None, out.domain)]:
-            if d.simplex and not (inp.row or inp.index_into):
-                self.fail(node, f"domain of input '{inp.name}': simplex is for row inputs (row: true)")
-        return out
+        return self.domain_of(inp, node, variants)
 
     def domain_of(self, inp: InputSpec, node, variants) -> InputSpec:
         if not isinstance(node, yaml.MappingNode):
-            return replace(inp, domain=self.domain_text(node, f"domain of input '{inp.name}'"))
+            return replace(inp, domain=self.domain_text(node, f"domain of input '{inp.name}'", inp))
         items = {}  # variant values (true/false too) as keys: not plain names, so not mapping()
         for knode, vnode in node.value:
             key = str(self.scalar(knode, f"domain of input '{inp.name}'")).lower()
@@ -349,13 +345,13 @@ class _Validator:
             if value is None:
                 self.fail(knode, f"domain of input '{inp.name}': {key!r} is not a value of variant "
                                  f"'{vname}' (values: {', '.join(map(str, variant.values))})")
-            cases[value] = self.domain_text(vnode, f"domain of input '{inp.name}' for {vname}={key}")
+            cases[value] = self.domain_text(vnode, f"domain of input '{inp.name}' for {vname}={key}", inp)
         missing = [str(v) for v in variant.values if v not in cases]
         if missing:
             self.fail(node, f"domain of input '{inp.name}': no domain for {vname} = {', '.join(missing)}")
         return replace(inp, domain_by=(vname, tuple(cases.items())))
 
-    def domain_text(self, node, what: str) -> Domain:
+    def domain_text(self, node, what: str, inp: InputSpec) -> Domain:
         if isinstance(node, yaml.SequenceNode):  # [0, 1] unquoted: YAML's list, a closed interval
             if len(node.value) != 2:
                 self.fail(node, f"{what}: a list is a closed interval [lo, hi] of two numbers")
@@ -364,9 +360,12 @@ class _Validator:
         else:
             text = self.string(node, what)
         try:
-            return parse_domain(text)
+            domain = parse_domain(text)
         except ValueError as exc:
             self.fail(node, f"{what}: {exc}")
+        if domain.simplex and not (inp.row or inp.index_into):
+            self.fail(node, f"{what}: simplex is for row inputs (row: true)")
+        return domain
 
     def axis(self, node):
         value = self.scalar(node, "axis")

@@ -15,9 +15,10 @@ import pytest
 import sympy
 
 from conftest import ROOT, SPECS
-from losscc.check import Accuracy, _Conditioning, _error, check, summary_table, ulps
+from losscc.check import (DTYPES, Accuracy, _Conditioning, _elementwise_points, _error, _params,
+                          _row_points, _variant_key, check, summary_table, ulps)
 from losscc.errors import SpecError
-from losscc.spec import parse_domain, parse_spec
+from losscc.spec import load_spec, parse_domain, parse_spec
 from losscc.truth import compile_interval, condition, resolve
 
 F64 = float(np.finfo(np.float64).max)
@@ -123,6 +124,8 @@ loss: (pred - label)**2
     ("{by: v, true: real}", "t.yaml:8:19: domain of input 'label': no domain for v = False"),
     ("{by: v, true: real, false: real, maybe: real}", "'maybe' is not a value of variant 'v'"),
     ("[0, 1, 2]", "a list is a closed interval [lo, hi] of two numbers"),
+    ("{by: v, true: simplex, false: real}",  # the value is named, not the mapping
+     "t.yaml:8:33: domain of input 'label' for v=true: simplex is for row inputs"),
 ])
 def test_bad_domains_name_the_place(domain, message):
     with pytest.raises(SpecError) as exc:
@@ -138,6 +141,41 @@ def test_domains_by_variant_and_the_docstring(losses):
     doc = losses.SigmoidBCELoss.__doc__
     assert "label in [0, 1]" in doc and "pred (differentiable) in real if from_sigmoid=false; [0, 1] if from_sigmoid=true" in doc
     assert "Domains are not checked" in doc
+
+
+def test_the_index_label_docstring_gives_its_domain_to_the_row_form(losses):
+    doc = losses.SoftmaxCrossEntropyLoss.__doc__
+    assert "label (class indices, or a row in simplex where the variant uses it whole)" in doc
+
+
+def test_every_sweep_point_is_inside_its_domain(losses):
+    # after the cast to the dtype too: {-1, 1}, [0, 1] and (0, inf) must survive float32
+    rng = np.random.default_rng(1)
+    for path in sorted(SPECS.glob("*.yaml")):
+        spec = load_spec(path)
+        cls = losses.LOSSES[spec.name]
+        for options in spec.variant_combos():
+            kinds = cls._meta["kernels"][_variant_key(cls, options)]["kinds"]
+            for dtype in DTYPES:
+                for params in _params(spec, rng):
+                    if spec.is_row:
+                        arrays = _row_points(spec, options, kinds, dtype, 100, 3, rng)
+                    else:
+                        arrays = _elementwise_points(spec, options, dtype, 200, rng, params)
+                    for inp in spec.inputs:
+                        if inp.name not in arrays or kinds.get(inp.name) == "index":
+                            continue
+                        domain = inp.domain_for(options)
+                        values = np.ravel(arrays[inp.name])
+                        assert values.dtype == dtype
+                        bad = [float(v) for v in values if not domain.contains(float(v))]
+                        assert not bad, (spec.name, options, inp.name, np.dtype(dtype).name, bad[:3])
+
+
+def test_cli_refuses_a_negative_seed():
+    run = subprocess.run([sys.executable, "-m", "losscc.cli", "check", str(SPECS), "--seed", "-1"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "argument --seed: must be at least 0, got -1" in run.stderr
 
 
 def test_accuracy_key_needs_a_reason():
