@@ -3,16 +3,14 @@
     python bench/torch_accuracy.py [--samples 40] [--seed 0] [--json FILE] [--out DIR]
 
 For every built-in spec with a torch.nn.functional counterpart of the same semantics, this
-script draws the very inputs `losscc check --samples N --seed S` draws for that spec (its own
-samplers, replayed with the same random stream: see `sweep`), evaluates the torch function
+script draws the very inputs `losscc check --samples N --seed S` draws for that spec (check's
+own `sweep`, on its own random stream), evaluates the torch function
 per element or per row (reduction='none') and its gradient by autograd of the sum of those
 values (so each gradient entry is d value_i / d input_i), in float64 and float32, and
 measures both in ulps of the true result: the spec's written formula in interval
 arithmetic (losscc.truth, through check.py's own `_compiled`, `resolve`, `_error`).
 
 Differences from `losscc check`:
-- The float32 truth uses the float32 inputs and the exact float64 parameters (torch is
-  given the parameters as Python floats), not the float32-rounded ones.
 - "grad" is every first derivative the spec declares (d/dpred, and d/dlabel, d/dinput2 ...
   where the spec makes them differentiable); no second derivatives.
 - A mapping may fix parameters or inputs to the values the torch function implements
@@ -41,16 +39,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mpmath
 import numpy as np
 
 from losscc.build import build
-from losscc.check import (DTYPES, ROW_CLASSES, Accuracy, LossCheck, _compiled, _elementwise_points,
-                          _error, _example_array, _fd_points, _fd_rows, _finite_differences, _fmt,
-                          _params, _row_points, _slack, _variant_key)
+from losscc.check import (Accuracy, _compiled, _error, _fd_points, _fd_rows, _fmt, _params, _slack,
+                          _variant_key, streams, sweep, truth_point, wrt_measured)
 from losscc.runtime import load_module
 from losscc.spec import load_spec, parse_spec, spec_files
 from losscc.truth import resolve
@@ -259,60 +256,6 @@ SKIPPED = {
 }
 
 
-# --------------------------------------------------------------------------- the sweep
-
-
-def sweep(spec, cls, samples: int, seed: int):
-    """Yield (options, kinds, dtype, params, arrays, n, C) for every batch of inputs `losscc
-    check` measures `spec` on, in its order and from its random stream: check's _accuracy
-    loop, without the kernels. C is None for elementwise losses."""
-    rng = np.random.default_rng([seed, *spec.name.encode()])
-    # check runs the finite differences first, on the same generator: replay their draws
-    _finite_differences(spec, cls, LossCheck(spec.name, spec.path, spec.accuracy, ""), rng)
-    for options in spec.variant_combos():
-        kinds = cls._meta["kernels"][_variant_key(cls, options)]["kinds"]
-        for dtype in DTYPES:
-            settings = _params(spec, rng)
-            for s_index, params in enumerate(settings):
-                n = samples // 2 if s_index == 0 else samples // (2 * (len(settings) - 1))
-                if spec.is_row:
-                    for C in ROW_CLASSES:
-                        m = max(n // len(ROW_CLASSES), 1)
-                        arrays = _row_points(spec, options, kinds, dtype, m, C, rng)
-                        yield options, kinds, dtype, params, _complete(spec, kinds, arrays, m, C, dtype), m, C
-                else:
-                    arrays = _elementwise_points(spec, options, dtype, n, rng, params)
-                    yield options, kinds, dtype, params, _complete(spec, kinds, arrays, n, None, dtype), n, None
-    for dtype in DTYPES:  # then the spec's examples, as check does
-        for ex in cls._meta["examples"]:
-            options = {v.name: ex["options"].get(v.name, v.default) for v in spec.variants}
-            params = {p.name: ex["options"].get(p.name, p.default) for p in spec.params}
-            kinds = cls._meta["kernels"][_variant_key(cls, options)]["kinds"]
-            arrays = {k: _example_array(v, dtype, kinds.get(k)) for k, v in ex["inputs"].items()}
-            C = None
-            if spec.is_row:
-                C = max(len(v) for v in ex["inputs"].values() if isinstance(v, (list, tuple)))
-            yield options, kinds, dtype, params, _complete(spec, kinds, arrays, 1, C, dtype), 1, C
-
-
-def _complete(spec, kinds, arrays, n, C, dtype):
-    """Every input, absent ones at their default (as check's _measure_* fill them)."""
-    out = {}
-    for i in spec.inputs:
-        if i.name in arrays:
-            out[i.name] = arrays[i.name]
-        elif C is not None and kinds[i.name] == "row":
-            out[i.name] = np.full((n, C), i.default, dtype=dtype)
-        else:
-            out[i.name] = np.full(n, i.default, dtype=dtype)
-    return out
-
-
-def _wrt(spec, kinds) -> list[str]:
-    """The inputs whose gradients check measures (every differentiable one; rows: row inputs)."""
-    return [i.name for i in spec.differentiable if not spec.is_row or kinds[i.name] == "row"]
-
-
 # --------------------------------------------------------------------------- torch
 
 
@@ -370,14 +313,16 @@ class RowResult:
         return sum(s.nonfinite for (d, o), s in self.stats.items() if d == dtype and (o != "value") == grad)
 
 
-def measure(result, truth_spec, spec, kinds, options, dtype, params, arrays, n, C):
+def measure(result, truth_spec, spec, batch):
     m = result.mapping
-    tparams = m.params(params)
+    kinds, options, dtype, n, C = batch.kinds, batch.options, batch.dtype, batch.n, batch.C
+    tparams = m.params(batch.params)
     if tparams is None:
         result.skipped_settings += 1
         return
-    arrays = m.inputs(arrays)
-    wrt = _wrt(spec, kinds)
+    batch = replace(batch, arrays=m.inputs(batch.arrays))
+    arrays = batch.arrays
+    wrt = wrt_measured(spec, kinds)
     values, grads = run_torch(m, spec, kinds, arrays, tparams, options, dtype, wrt)
     topts = {v.name: options[v.name] for v in truth_spec.variants}
     if C is None:
@@ -385,21 +330,8 @@ def measure(result, truth_spec, spec, kinds, options, dtype, params, arrays, n, 
     else:
         _, fns = _compiled(truth_spec, topts, C, kinds, wrt)
     limit = float(np.finfo(dtype).max)
-    index = next((i.name for i in spec.inputs if spec.is_row and kinds[i.name] == "index"), None)
     for k in range(n):
-        perm = None
-        point = []
-        if C is None:
-            point = [float(arrays[i.name][k]) for i in truth_spec.inputs]
-        else:  # the truth is written with the label at class 0 (as in check's _measure_rows)
-            label = int(arrays[index][k]) if index else 0
-            perm = [label] + [j for j in range(C) if j != label]
-            for i in truth_spec.inputs:
-                if kinds[i.name] == "row":
-                    point += [float(arrays[i.name][k][j]) for j in perm]
-                elif kinds[i.name] == "scalar":
-                    point.append(float(arrays[i.name][k]))
-        point += [float(tparams[p.name]) for p in truth_spec.params]  # exact, even for float32
+        point, perm = truth_point(truth_spec, batch, k, tparams)  # parameters exact, even for float32
         for output, fn in fns.items():
             if output.startswith("d2/"):
                 continue
@@ -439,7 +371,7 @@ def verify(mapping, spec, cls, seed: int) -> dict:
         if not mapping.covers(options):
             continue
         kinds = cls._meta["kernels"][_variant_key(cls, options)]["kinds"]
-        wrt = _wrt(spec, kinds)
+        wrt = wrt_measured(spec, kinds)
         for params in _params(spec, rng, settings=2):
             tparams = mapping.params(params)
             if tparams is None:
@@ -572,13 +504,13 @@ def main(argv=None) -> int:
     for name in dict.fromkeys(m.spec for m in maps):
         spec, cls = specs[name], module.LOSSES[name]
         mine = [r for r in results if r.mapping.spec == name]
-        for options, kinds, dtype, params, arrays, n, C in sweep(spec, cls, args.samples, args.seed):
+        _, sweep_rng = streams(spec, args.seed)
+        for batch in sweep(spec, cls, args.samples, sweep_rng):
             for r in mine:
-                if r.mapping.covers(options):
+                if r.mapping.covers(batch.options):
                     t1 = time.perf_counter()
                     with np.errstate(all="ignore"):
-                        measure(r, truths.get(r.mapping.row, spec), spec, kinds, options, dtype, params,
-                                arrays, n, C)
+                        measure(r, truths.get(r.mapping.row, spec), spec, batch)
                     r.seconds += time.perf_counter() - t1
     seconds = time.perf_counter() - t0
 

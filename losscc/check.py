@@ -89,7 +89,8 @@ class LossCheck:
     path: str
     bound: float
     reason: str
-    conditioned: bool = False  # the bound is in ulps of max(|f|, sum |x_i df/dx_i|)
+    conditioned: bool = False  # the bound is in ulps of max(|f|, sum |x_i df/dx_i|) ...
+    conditioned_when: tuple = ()  # ... where the variants take these values (empty: everywhere)
     examples: list = field(default_factory=list)  # (where, dtype, ok, message)
     fd: list = field(default_factory=list)  # (output, max error, points, skipped, ok)
     accuracy: dict = field(default_factory=dict)  # (dtype, output) -> Accuracy
@@ -111,7 +112,9 @@ class LossCheck:
     def to_json(self) -> dict:
         return {
             "name": self.name, "spec": self.path, "bound_ulps": self.bound,
-            "bound_conditioned": self.conditioned, "bound_reason": self.reason,
+            "bound_conditioned": self.conditioned,
+            "bound_conditioned_when": {k: v for k, v in self.conditioned_when},
+            "bound_reason": self.reason,
             "ok": self.ok, "failures": self.failures, "seconds": round(self.seconds, 2),
             "examples": [{"where": w, "dtype": d, "ok": ok, "message": m} for w, d, ok, m in self.examples],
             "finite_differences": [{"output": o, "max_error": e, "points": n, "skipped": s, "ok": ok}
@@ -155,11 +158,11 @@ def check(paths, samples: int = 400, seed: int = 0, out="build", log=print) -> l
         t0 = time.perf_counter()
         cls = module.LOSSES[spec.name]
         result = LossCheck(spec.name, spec.path, spec.accuracy, spec.accuracy_reason,
-                           spec.accuracy_conditioned)
-        rng = np.random.default_rng([seed, *spec.name.encode()])
+                           spec.accuracy_conditioned, spec.accuracy_conditioned_when)
+        fd_rng, sweep_rng = streams(spec, seed)
         _examples(cls, result)
-        _finite_differences(spec, cls, result, rng)
-        _accuracy(spec, cls, result, samples, rng)
+        _finite_differences(spec, cls, result, fd_rng)
+        _accuracy(spec, cls, result, sweep(spec, cls, samples, sweep_rng))
         result.seconds = time.perf_counter() - t0
         log(format_loss(result))
         results.append(result)
@@ -458,10 +461,33 @@ def _slack(dtype) -> float:
     return 2.0 ** (3 - PRECISION[dtype][0])
 
 
-def _accuracy(spec, cls, result: LossCheck, samples: int, rng):
+def streams(spec, seed: int) -> tuple:
+    """One spec's independent random streams: (finite differences, accuracy sweep)."""
+    seq = np.random.SeedSequence([seed, *spec.name.encode()])
+    return tuple(np.random.default_rng(child) for child in seq.spawn(2))
+
+
+@dataclass
+class Batch:
+    """n points the accuracy check measures a loss on, of one variant, dtype and parameter
+    setting: rows of C classes, or elements (C is None). `arrays` holds every input, absent
+    optional ones at their default."""
+
+    options: dict
+    kinds: dict
+    dtype: type
+    params: dict
+    arrays: dict
+    n: int
+    C: int | None = None
+
+
+def sweep(spec, cls, samples: int, rng):
+    """Every Batch of the accuracy sweep, in order: each variant, dtype and parameter setting
+    (samples points per variant and dtype; rows split over ROW_CLASSES), then the spec's
+    examples in each dtype."""
     for options in spec.variant_combos():
-        key = _variant_key(cls, options)
-        kinds = cls._meta["kernels"][key]["kinds"]
+        kinds = cls._meta["kernels"][_variant_key(cls, options)]["kinds"]
         for dtype in DTYPES:
             settings = _params(spec, rng)
             for s_index, params in enumerate(settings):
@@ -469,27 +495,74 @@ def _accuracy(spec, cls, result: LossCheck, samples: int, rng):
                 if spec.is_row:
                     for C in ROW_CLASSES:
                         m = max(n // len(ROW_CLASSES), 1)
-                        _measure_rows(spec, cls, result, options, kinds, dtype, params, m, C, rng)
+                        arrays = _row_points(spec, options, kinds, dtype, m, C, rng)
+                        yield _batch(spec, options, kinds, dtype, params, arrays, m, C)
                 else:
-                    _measure_elementwise(spec, cls, result, options, dtype, params, n, rng)
+                    arrays = _elementwise_points(spec, options, dtype, n, rng, params)
+                    yield _batch(spec, options, kinds, dtype, params, arrays, n, None)
     for dtype in DTYPES:
         for ex in cls._meta["examples"]:
             options = {v.name: ex["options"].get(v.name, v.default) for v in spec.variants}
             params = {p.name: ex["options"].get(p.name, p.default) for p in spec.params}
             kinds = cls._meta["kernels"][_variant_key(cls, options)]["kinds"]
             arrays = {k: _example_array(v, dtype, kinds.get(k)) for k, v in ex["inputs"].items()}
+            C = None
             if spec.is_row:
                 C = max(len(v) for v in ex["inputs"].values() if isinstance(v, (list, tuple)))
-                _measure_rows(spec, cls, result, options, kinds, dtype, params, 1, C, rng, arrays)
-            else:
-                _measure_elementwise(spec, cls, result, options, dtype, params, 1, rng, arrays)
+            yield _batch(spec, options, kinds, dtype, params, arrays, 1, C)
+
+
+def _batch(spec, options, kinds, dtype, params, arrays, n, C) -> Batch:
+    full = {}
+    for i in spec.inputs:
+        if i.name in arrays:
+            full[i.name] = arrays[i.name]
+        elif C is not None and kinds[i.name] == "row":
+            full[i.name] = np.full((n, C), i.default, dtype=dtype)
+        else:
+            full[i.name] = np.full(n, i.default, dtype=dtype)
+    return Batch(options, kinds, dtype, params, full, n, C)
+
+
+def truth_point(spec, batch: Batch, k: int, params: dict) -> tuple:
+    """(arguments of the compiled truth at point k of batch, class permutation). A row's truth
+    is written with its label at class 0: its j-th class is the row's class perm[j]. The
+    parameters are exact (float64) in every dtype: kernels compute in double."""
+    a = batch.arrays
+    if batch.C is None:
+        point = [float(a[i.name][k]) for i in spec.inputs]
+        perm = None
+    else:
+        index = next((i.name for i in spec.inputs if batch.kinds[i.name] == "index"), None)
+        label = int(a[index][k]) if index else 0
+        perm = [label] + [j for j in range(batch.C) if j != label]
+        point = []
+        for i in spec.inputs:
+            if batch.kinds[i.name] == "row":
+                point += [float(a[i.name][k][j]) for j in perm]
+            elif batch.kinds[i.name] == "scalar":
+                point.append(float(a[i.name][k]))
+    return point + [float(params[p.name]) for p in spec.params], perm
+
+
+def wrt_measured(spec, kinds) -> list:
+    """The inputs whose gradients are measured: the differentiable ones (rows: row inputs)."""
+    return [i.name for i in spec.differentiable if kinds.get(i.name, "row") == "row"]
+
+
+def _accuracy(spec, cls, result: LossCheck, batches):
+    for batch in batches:
+        if batch.C is None:
+            _measure_elementwise(spec, cls, result, batch)
+        else:
+            _measure_rows(spec, cls, result, batch)
 
 
 _TRUTH_CACHE: dict = {}
 
 
 def _compiled(spec, options, C=None, kinds=None, wrt=()):
-    key = (spec.source_hash, spec.path, tuple(sorted(options.items())), C)
+    key = (spec.source_hash, spec.path, tuple(sorted(options.items())), C, tuple(wrt))
     if key not in _TRUTH_CACHE:
         if C is None:
             outs = elementwise_outputs(spec, options)
@@ -504,11 +577,9 @@ def _stat(result, dtype, output) -> Accuracy:
     return result.accuracy.setdefault((name, output), Accuracy(output, name))
 
 
-def _measure_elementwise(spec, cls, result, options, dtype, params, n, rng, arrays=None):
-    if arrays is None:
-        arrays = _elementwise_points(spec, options, dtype, n, rng, params)
+def _measure_elementwise(spec, cls, result, batch: Batch):
+    options, dtype, params, inputs = batch.options, batch.dtype, batch.params, batch.arrays
     loss = cls(**options, **params)
-    inputs = {i.name: arrays.get(i.name, np.full(n, i.default, dtype=dtype)) for i in spec.inputs}
     wrt = tuple(i.name for i in spec.differentiable)
     with np.errstate(all="ignore"):
         value, grads = loss.value_and_grad(**inputs, wrt=wrt)
@@ -523,17 +594,16 @@ def _measure_elementwise(spec, cls, result, options, dtype, params, n, rng, arra
     computed[f"d2/d{spec.pred.name}2"] = [hess]
     args, fns = _compiled(spec, options)
     vary = _varying(spec, options, args)
-    pv = {k: float(v) for k, v in params.items()}
     limit = float(np.finfo(dtype).max)
-    for k in range(n):
-        point = [float(inputs[i.name][k]) for i in spec.inputs] + [pv[p.name] for p in spec.params]
+    for k in range(batch.n):
+        point, _ = truth_point(spec, batch, k, params)
         for output, fn in fns.items():
             truth = resolve(fn, point, limit, _slack(dtype))
             stat = _stat(result, dtype, output)
             if mpmath.isnan(truth.value):
                 stat.unresolved += truth.unresolved
                 continue
-            cond = _Conditioning(fn, point, vary, result.bound) if result.conditioned else None
+            cond = _Conditioning(fn, point, vary, result.bound) if spec.conditioned_for(options) else None
             for array in computed[output]:  # every kernel that computes this output
                 got = float(array[k])
                 err = _error(got, truth, dtype, stat, cond)
@@ -543,39 +613,21 @@ def _measure_elementwise(spec, cls, result, options, dtype, params, n, rng, arra
                          if stat.is_worst(err) else None)
 
 
-def _measure_rows(spec, cls, result, options, kinds, dtype, params, n, C, rng, arrays=None):
-    if arrays is None:
-        arrays = _row_points(spec, options, kinds, dtype, n, C, rng)
-    wrt = [i.name for i in spec.differentiable if kinds[i.name] == "row"]
+def _measure_rows(spec, cls, result, batch: Batch):
+    options, dtype, params, inputs = batch.options, batch.dtype, batch.params, batch.arrays
+    wrt = wrt_measured(spec, batch.kinds)
     loss = cls(**options, **params)
-    inputs = {}
-    for i in spec.inputs:
-        if i.name in arrays:
-            inputs[i.name] = arrays[i.name]
-        elif kinds[i.name] == "row":
-            inputs[i.name] = np.full((n, C), i.default, dtype=dtype)
-        else:
-            inputs[i.name] = np.full(n, i.default, dtype=dtype)
     with np.errstate(all="ignore"):
         value, grads = loss.value_and_grad(**inputs, wrt=tuple(wrt))
         value_only = loss(**inputs)
     grads = grads if isinstance(grads, tuple) else (grads,)
-    args, fns = _compiled(spec, options, C, kinds, wrt)
+    args, fns = _compiled(spec, options, batch.C, batch.kinds, wrt)
     vary = _varying(spec, options, args)
-    pv = {k: float(v) for k, v in params.items()}
     limit = float(np.finfo(dtype).max)
-    index = next((i.name for i in spec.inputs if kinds[i.name] == "index"), None)
-    for k in range(n):
-        # the truth is written with the label at class 0: permute each row to put it there
-        label = int(inputs[index][k]) if index else 0
-        perm = [label] + [j for j in range(C) if j != label]
-        point = []
-        for i in spec.inputs:
-            if kinds[i.name] == "row":
-                point += [float(inputs[i.name][k][j]) for j in perm]
-            elif kinds[i.name] == "scalar":
-                point.append(float(inputs[i.name][k]))
-        point += [pv[p.name] for p in spec.params]
+    for k in range(batch.n):
+        point, perm = truth_point(spec, batch, k, params)
+        where = {"variant": options, "params": params,
+                 "inputs": {i.name: inputs[i.name][k].tolist() for i in spec.inputs}}
         for output, fn in fns.items():
             truth = resolve(fn, point, limit, _slack(dtype))
             group = output.split("[")[0]
@@ -583,21 +635,17 @@ def _measure_rows(spec, cls, result, options, kinds, dtype, params, n, C, rng, a
             if mpmath.isnan(truth.value):
                 stat.unresolved += truth.unresolved
                 continue
-            cond = _Conditioning(fn, point, vary, result.bound) if result.conditioned else None
+            cond = _Conditioning(fn, point, vary, result.bound) if spec.conditioned_for(options) else None
             if output == "value":
                 got = float(value[k])
                 err = _error(float(value_only[k]), truth, dtype, stat, cond)
-                stat.add(err, {"variant": options, "params": params, "output": "value (v kernel)",
-                               "inputs": {i.name: inputs[i.name][k].tolist() for i in spec.inputs},
-                               "computed": float(value_only[k]), "true": mpmath.nstr(truth.value, 17)}
-                         if stat.is_worst(err) else None)
+                stat.add(err, dict(where, output="value (v kernel)", computed=float(value_only[k]),
+                                   true=mpmath.nstr(truth.value, 17)) if stat.is_worst(err) else None)
             else:
                 name, j = output[3:].split("[")
                 got = float(grads[wrt.index(name)][k][perm[int(j[:-1])]])
             err = _error(got, truth, dtype, stat, cond)
-            stat.add(err, {"variant": options, "params": params, "output": output,
-                           "inputs": {i.name: inputs[i.name][k].tolist() for i in spec.inputs},
-                           "computed": got, "true": mpmath.nstr(truth.value, 17)}
+            stat.add(err, dict(where, output=output, computed=got, true=mpmath.nstr(truth.value, 17))
                      if stat.is_worst(err) else None)
 
 
@@ -727,7 +775,10 @@ def format_loss(r: LossCheck) -> str:
     fd = ", ".join(f"{o} {e:.1e} ({n} pts)" for o, e, n, _, _ in r.fd)
     lines.append(f"  finite differences (float64, max relative error beyond rounding): {fd}")
     bound = f"bound {r.bound:g} ulps" + (f" ({r.reason})" if r.reason else "")
-    of = "max(|true result|, its conditioning sum |x df/dx|)" if r.conditioned else "the true result"
+    of = "the true result"
+    if r.conditioned:
+        where = " where " + ", ".join(f"{k}={v}" for k, v in r.conditioned_when) if r.conditioned_when else ""
+        of = f"max(|true result|, its conditioning sum |x df/dx|){where}"
     lines.append(f"  accuracy, ulps of {of}, max / median ({bound}):")
     outputs = list(dict.fromkeys(a.output for a in r.accuracy.values()))
     for output in outputs:

@@ -16,11 +16,11 @@ import jinja2
 import sympy
 from sympy.codegen.ast import float64, real
 from sympy.printing.c import C99CodePrinter
-from sympy.printing.precedence import precedence
+from sympy.printing.precedence import PRECEDENCE, precedence
 
 from . import __version__
 from .errors import BuildError
-from .functions import LogCosh, Sigmoid, Softplus
+from .functions import Exprel, LogCosh, Sigmoid, Softplus
 from . import rows
 from .ir import KernelSource, SymbolicLoss
 from .resources import templates_dir
@@ -54,6 +54,25 @@ def reads_input(expr, input_temps) -> bool:
     return any(_LARGE.match(s.name) or s.name in input_temps for s in expr.free_symbols)
 
 
+def is_data_term(expr, data_temps=frozenset()) -> bool:
+    """True if `expr` is k * s for a number k and s an input element, a gathered element or a
+    row max shift (or a cse temporary that is one of those times a number): the terms of a
+    log-softmax x_j - m that must meet before anything smaller is added to either."""
+    if not isinstance(expr, sympy.Expr):
+        return False
+    _, s = expr.as_coeff_Mul()
+    return isinstance(s, sympy.Symbol) and (_LARGE.match(s.name) is not None or s.name in data_temps)
+
+
+def _shift_temps(temps) -> frozenset:
+    """The names of cse temporaries that are data terms (-x_pred, say)."""
+    out: set = set()
+    for t, e in temps:
+        if is_data_term(e, out):
+            out.add(t.name)
+    return frozenset(out)
+
+
 class LossCPrinter(C99CodePrinter):
     """sympy's C99 printer, strict, with losscc's function table and numeric choices.
 
@@ -65,13 +84,58 @@ class LossCPrinter(C99CodePrinter):
     - Sums print literals first, then the terms that read inputs, then parameters: sympy's
       Add forgets the written association, and `1 - p + eps` must stay `(1 - p) + eps` so
       that eps survives at p = 1 in float32.
+    - A sum that holds a row max shift m adds its data terms (k * x, k * m) first, before
+      even the literals: log_softmax is (x_j - m) - r, and 1 + m - x + log(q) + r must
+      not round 1 and log(q) away in m + 1 where m = x = 6e247 (KL's d/dlabel).
+
+    Lowerings: math-identical forms chosen by how a sum is evaluated in floating point. They
+    live here, not in stabilize.py, because the order of a sum's additions exists only once
+    cse has named the shared parts (a stabilize node holding `(p - t) + eps` would be split
+    by cse into the temporary p + eps, shared with log(p + eps), and `t0 - t`); the printer
+    sees a temporary's definition (temp_defs) and re-associates its terms. Each prints a C
+    helper whose fallback is the plain form, so none can fire on its own output.
+
+      log-near-1   log(S) -> lcc_log_near1(S, S - 1)       (S a sum with the literal 1, or
+                                                          with one term that reads an input)
+          |S - 1| < 1/2: log1p(S - 1), where S - 1 has the literal folded in (1 - p + eps ->
+          -p + eps; p + eps -> (p - 1) + eps, exact for p in [1/2, 2] by Sterbenz). Else
+          log(S), S summed as written ((1 - p) + eps, so eps survives at p = 1). log(1 + 1e-12)
+          is 1e-12 - 5e-25; log of the rounded sum is off by 9e-17, 1e-4 relative.
+      exp-sub      A*exp(u) + S -> lcc_exp_sub(exp(u), u, A, S)  (S reads an input)
+          -S/A within a factor 2 of 1: (A + S)*exp(u) - S*expm1(u), where A + S is exact (by
+          Sterbenz) and 0 for a one-hot label (softmax - label at the label: sum(label)*p - 1
+          = expm1(log p)); else A*exp(u) + S. The Poisson gradient exp(p) - t at t = 1 too.
+      sub-ratio    k - a/b -> lcc_sub_ratio(k, a/b, k*b - a, b)
+          a/b within a factor 2 of k: (k*b - a)/b, with k*b's terms spread and summed with
+          a's before the rest (1 - t/(p + eps) -> ((p - t) + eps)/(p + eps): p - t is exact
+          there, by Sterbenz). Else, or where k*b - a overflows, k - a/b. k - a/b rounds a/b
+          to half an ulp of k, which is all the digits of a result near 0.
+      quotient-chain  a/b**2 -> a/b/b                      (b**-n, n <= 8, two or more
+                                                          in all; 1/(b**2*c**2) -> 1/b/b/c/c)
+          b*b overflows (b = 3e244) or underflows where a/b/b is a normal number: the
+          Poisson t/(p + eps)**2 = 3e-245 came out 0, log_cosh's 1/(s**2*cosh(u)**2) too
+          (cosh(375)**2 overflows; the true value is 7e-318). The same number of roundings.
+          A plain power 1/b**2 keeps 1.0/(b*b): there b*b overflows only where the result
+          underflows.
     """
 
-    HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", LogCosh: "lcc_logcosh"}
+    HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", LogCosh: "lcc_logcosh",
+               Exprel: "lcc_exprel"}  # DominantSum: _print_DominantSum
 
-    def __init__(self, input_temps=frozenset()):
+    def __init__(self, input_temps=frozenset(), temp_defs=None, data_temps=frozenset()):
         super().__init__({"type_aliases": {real: float64}, "strict": True, "math_macros": {}})
         self.input_temps = input_temps  # names of cse temporaries that depend on an input
+        self.temp_defs = dict(temp_defs or {})  # cse temporary (Symbol) -> its expression
+        self.data_temps = data_temps  # names of cse temporaries that are data terms (is_data_term)
+
+    def _seen(self, expr):
+        """`expr` with the cse temporaries it uses replaced by their definitions (one level):
+        what a lowering matches on. Printing still uses `expr`, the temporaries' values."""
+        subs = {s: self.temp_defs[s] for s in expr.free_symbols if s in self.temp_defs}
+        return expr.xreplace(subs) if subs else expr
+
+    def _reads(self, expr) -> bool:
+        return not expr.is_Number and reads_input(expr, self.input_temps)
 
     def _print(self, expr, **kwargs):
         # A constant subexpression (log(2), sqrt(2)/pi) is one correctly rounded literal.
@@ -90,6 +154,11 @@ class LossCPrinter(C99CodePrinter):
         if helper is not None:
             return self.helper(helper, *expr.args)
         return super()._print_Function(expr)
+
+    def _print_Quotient(self, expr):
+        """a / b as one division, whatever sympy would make of the product around it."""
+        a, b = expr.args
+        return f"({self.parenthesize(a, PRECEDENCE['Mul'] - 1)}/{self.parenthesize(b, PRECEDENCE['Mul'])})"
 
     def _print_sign(self, expr):
         return self.helper("lcc_sign", *expr.args)
@@ -148,12 +217,17 @@ class LossCPrinter(C99CodePrinter):
     def _terms(self, expr, order=None) -> list:
         """The terms of a sum in the order they are added: literals, then the terms that
         read inputs, then the rest (sympy's order within each group)."""
+        terms = self._as_ordered_terms(expr, order=order)
+        shifted = any(is_data_term(t) and t.as_coeff_Mul()[1].name[0] == "m" for t in terms)
+
         def rank(term):
+            if shifted and is_data_term(term, self.data_temps):
+                return -1
             if term.is_Number:
                 return 0
             return 1 if reads_input(term, self.input_temps) else 2
 
-        return sorted(self._as_ordered_terms(expr, order=order), key=rank)
+        return sorted(terms, key=rank)
 
     def _print_exp(self, expr):
         """exp(a + b [+ c]) of two or more terms that read inputs (x_j - max in a softmax)
@@ -167,7 +241,78 @@ class LossCPrinter(C99CodePrinter):
                 return self.helper(f"lcc_exp_sum{len(parts)}", *parts)
         return f"exp({self._print(arg)})"
 
+    def _print_log(self, expr):
+        """log-near-1 (the class docstring)."""
+        arg = expr.args[0]
+        s = self._seen(arg) if arg.is_Symbol else arg
+        if s.is_Add:
+            c, rest = s.as_coeff_add()
+            if c == 1 or sum(1 for t in rest if self._reads(t)) == 1:
+                return self.helper("lcc_log_near1", arg, sympy.Add(c - 1, *rest))
+        return f"log({self._print(arg)})"
+
+    def _sub_ratio(self, expr):
+        """sub-ratio (the class docstring): the helper call for k - a/b, or None."""
+        k, rest = expr.as_coeff_add()
+        if k == 0 or len(rest) != 1:
+            return None
+        term = rest[0]  # -a/b, maybe through a cse temporary
+        for f in sympy.Mul.make_args(self._seen(term)):
+            if not (f.is_Pow and f.exp == -1):
+                continue
+            b = f.base
+            a = -self._seen(term) * b
+            numerator = sympy.Add(*(k * t for t in sympy.Add.make_args(self._seen(b))), -a)
+            named = next((t for t, e in self.temp_defs.items() if e == b), b)  # b's temporary
+            return self.helper("lcc_sub_ratio", k, -term, numerator, named)
+        return None
+
+    def _print_Mul(self, expr):
+        """quotient-chain (the class docstring)."""
+        num, den = [], []
+        for f in sympy.Mul.make_args(expr):
+            if f.is_Pow and f.exp.is_Integer and -8 <= f.exp < 0:
+                den += [f.base] * -int(f.exp)
+            else:
+                num.append(f)
+        numerator = sympy.Mul(*num)
+        plain_power = abs(numerator) == 1 and len(set(den)) == 1
+        if len(den) < 2 or plain_power or any(f.is_Pow and f.exp.is_negative for f in num):
+            return super()._print_Mul(expr)
+        prec = precedence(expr)
+        return "/".join([self.parenthesize(numerator, prec)] + [self.parenthesize(b, prec) for b in den])
+
+    def _print_DominantSum(self, expr):
+        """dominant_sum(exp(u), c, u) knows its first term's log: lcc_dominant_exp."""
+        a, c, b = expr.args
+        first = self.temp_defs.get(a, a)  # (not a == exp(b): sympy makes exp(log(x)) x)
+        name = "lcc_dominant_exp" if isinstance(first, sympy.exp) and first.args[0] == b else "lcc_dominant_sum"
+        return self.helper(name, a, c, b)
+
+    def _exp_sub(self, expr):
+        """exp-sub (the class docstring): the helper call for A*exp(u) + S, or None. exp(u)
+        may be a cse temporary: it is printed as that, and u read from its definition."""
+        found = []
+        for n, term in enumerate(expr.args):
+            for f in sympy.Mul.make_args(term):
+                e = self.temp_defs.get(f, f)
+                if isinstance(e, sympy.exp):
+                    found.append((n, f, e.args[0]))
+        if len(found) != 1:
+            return None
+        n, e, u = found[0]
+        coeff = sympy.Mul(*(f for f in sympy.Mul.make_args(expr.args[n]) if f != e))
+        rest = sympy.Add(*expr.args[:n], *expr.args[n + 1:])
+        if self._seen(coeff).has(sympy.exp) or not self._reads(rest):
+            return None
+        return self.helper("lcc_exp_sub", e, u, coeff, rest)
+
     def _print_Add(self, expr, order=None):
+        lowered = self._sub_ratio(expr)
+        if lowered is None:
+            lowered = self._exp_sub(expr)
+        if lowered is not None:
+            return lowered
         terms = self._terms(expr, order)
         prec = precedence(expr)
         out = ""
@@ -220,7 +365,7 @@ def kernel_body(cse_result, mode: str) -> tuple:
     for t, e in temps:
         if reads_input(e, input_temps):
             input_temps.add(t.name)
-    printer = LossCPrinter(frozenset(input_temps))
+    printer = LossCPrinter(frozenset(input_temps), {t: e for t, e in temps})
     lines = [(t.name, printer.doprint(e)) for t, e in temps if t in needed]
     lines += [(n, printer.doprint(outputs[n])) for n in wanted]
     return tuple(lines)
@@ -325,6 +470,10 @@ def row_kernel(spec, variant, mode: str) -> dict:
             if st.role == "sum":
                 updates.append(f"acc{n} += (double){e};")
                 finals.append(f"const {T} r{n} = ({T})acc{n};")
+            elif st.role == "norm":  # a scaled sum of squares (lcc_ssq_add in prelude.h.j2)
+                inits.append(f"double sc{n} = 0.0, ssq{n} = 0.0, nf{n} = 0.0;")
+                updates.append(f"lcc_ssq_add({e}, &sc{n}, &ssq{n}, &nf{n});")
+                finals.append(f"const {T} r{n} = lcc_ssq_norm(sc{n}, ssq{n}, nf{n});")
             elif st.role in ("max", "min", "lse_max"):
                 var = f"mx{n}" if st.role == "lse_max" else f"r{n}"
                 inits.append(f"{T} {var} = {'' if st.role == 'min' else '-'}INFINITY;")
@@ -386,7 +535,7 @@ def _print_block(temps, outputs, known=()) -> list:
     for t, e in [*known, *temps]:
         if reads_input(e, input_temps):
             input_temps.add(t.name)
-    printer = LossCPrinter(frozenset(input_temps))
+    printer = LossCPrinter(frozenset(input_temps), data_temps=_shift_temps([*known, *temps]))
     return [(t.name, printer.doprint(e)) for t, e in temps] + \
         [(n, printer.doprint(e)) for n, e in outputs]
 

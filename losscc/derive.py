@@ -16,7 +16,7 @@ import sympy
 from .errors import SpecError
 from .expr import parse_spec_math, symbols_for
 from .ir import LossSpec, SymbolicLoss, SymbolicVariant, variant_key
-from .rows import NCLASS, ROW_RULES, derive_row
+from .rows import NCLASS, ROW_PRECISION_RULES, ROW_RULES, derive_row
 from .stabilize import stabilize
 
 
@@ -68,20 +68,21 @@ def _derive_row(spec, options, symbols) -> SymbolicVariant:
     loss, fired = stabilize(loss, extra={"to-stable-nodes": ROW_RULES})
     fired = list(fired)
     prog = derive_row(loss, elements, row.gathers, wrt)
-    prog.value = _tidied(prog.value, fired)
-    prog.grads = {n: _tidied(g, fired) for n, g in prog.grads.items()}
+    extra = {"precision": ROW_PRECISION_RULES}
+    prog.value = _tidied(prog.value, fired, extra)
+    prog.grads = {n: _tidied(g, fired, extra) for n, g in prog.grads.items()}
     return SymbolicVariant(key=variant_key(options), options=dict(options), value=prog.value,
                            grads=tuple(prog.grads[n] for n in wrt), hess=None, program=prog,
                            kinds=kinds, rewrites=tuple(dict.fromkeys(fired)))
 
 
-def _tidied(expr, fired: list):
-    """The precision rewrites on a raw derivative (x**g/x is still one product there), tidy,
-    then the precision rewrites again (sigmoid(x) - 1 turns up once kinks are tidied); what
-    fires is appended to `fired`."""
-    expr, more = stabilize(expr, phases=("precision",))
+def _tidied(expr, fired: list, extra=None):
+    """The precision rewrites (and `extra` rules by phase) on a raw derivative (x**g/x is
+    still one product there), tidy, then the precision rewrites again (sigmoid(x) - 1 turns
+    up once kinks are tidied); what fires is appended to `fired`."""
+    expr, more = stabilize(expr, phases=("precision",), extra=extra)
     fired.extend(more)
-    expr, more = stabilize(tidy(expr), phases=("precision",))
+    expr, more = stabilize(tidy(expr), phases=("precision",), extra=extra)
     fired.extend(more)
     return expr
 

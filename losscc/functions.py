@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sympy
 from sympy import S
+from sympy.core.logic import fuzzy_and
 
 
 class Sigmoid(sympy.Function):
@@ -114,7 +115,66 @@ class LogCosh(sympy.Function):
         return self.naive()._eval_evalf(prec)
 
 
-STABLE_NODES = (Sigmoid, Softplus, LogCosh)
+class DominantSum(sympy.Function):
+    """dominant_sum(a, c, b) = a + c*b, for a term a that outgrows c*b as the input grows
+    (exp(u) + c*u, u + c*log(u + k): stabilize's "dominant-sum" rule). At an infinite input
+    b, where IEEE gives NaN for a + c*b although no argument is NaN, it is the limit, a:
+    inf - inf (a = inf, c*b = -inf, the faster term wins) or c = 0 (0*inf: the term c*b is 0
+    for every finite b). Otherwise it is exactly a + c*b; where both terms overflowed from a
+    finite input, a = exp(b) compares their logs (lcc_dominant_exp), any other a stays NaN.
+
+    d/da = 1, d/dc = b, d/db = c: its derivatives are plain sums, which do not meet inf - inf
+    (the Poisson gradient exp(u) - t is finite until exp overflows, and then +inf is right).
+    """
+
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        a, c, b = self.args
+        return (S.One, b, c)[argindex - 1]
+
+    def _eval_is_real(self):
+        return fuzzy_and(x.is_real for x in self.args)
+
+    def naive(self):
+        a, c, b = self.args
+        return a + c * b
+
+
+class Exprel(sympy.Function):
+    """exprel(t) = expm1(t) / t, 1 at t = 0 (where the quotient is 0/0); computed as that
+    quotient elsewhere (expm1 keeps its digits near 0). t / expm1(t) = 1 / exprel(t) is
+    log(p) / (p - 1) with log(p) = t: finite and near 1 as p -> 1.
+
+    d/dt exprel(t) = (t exp(t) - expm1(t)) / t**2 (only a second derivative needs it).
+    """
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_zero:
+            return S.One
+        return None
+
+    def fdiff(self, argindex=1):
+        t = self.args[0]
+        return (t * sympy.exp(t) - (sympy.exp(t) - 1)) / t**2
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_positive(self):
+        return self.args[0].is_real
+
+    def naive(self):
+        return (sympy.exp(self.args[0]) - 1) / self.args[0]
+
+    def _eval_evalf(self, prec):
+        return self.naive()._eval_evalf(prec)
+
+
+STABLE_NODES = (Sigmoid, Softplus, LogCosh, DominantSum, Exprel)
 
 
 def naive(expr):

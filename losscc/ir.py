@@ -197,6 +197,12 @@ class LossSpec:
     accuracy: float = 4.0
     accuracy_reason: str = ""
     accuracy_conditioned: bool = False
+    # ... only where the variants take these values ((name, value), ...); empty: everywhere
+    accuracy_conditioned_when: tuple = ()
+
+    def conditioned_for(self, options: dict) -> bool:
+        """Is the accuracy bound conditioned in this variant combination?"""
+        return self.accuracy_conditioned and all(options.get(k) == v for k, v in self.accuracy_conditioned_when)
 
     @property
     def is_row(self) -> bool:

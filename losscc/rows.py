@@ -1,9 +1,20 @@
 """Row losses: reductions over the class axis as sympy nodes, and losscc's chain rule over them.
 
 A row loss is a scalar expression of *row scalars*: reductions over the class axis
-(`RowSum`, `RowMax`, `RowMin`, `LogSumExp`) of elementwise expressions, and gathers
+(`RowSum`, `RowMax`, `RowMin`, `LogSumExp`, `RowNorm`) of elementwise expressions, and gathers
 `x[label]`. sympy takes every scalar derivative; the chain rule over the row scalars is
 here (`derive_row`), and so is the plan of passes a kernel makes over each row.
+
+Row rules, as `before -> after` (u, v, e, a, c elementwise expressions, k any factor):
+
+  joining stabilize's "to-stable-nodes" phase (ROW_RULES), before lowering:
+    log-of-product        log(exp(a) * b) -> a + log(b)   (every factor positive)
+    log-sum-exp           log(sum(exp(e))) -> logsumexp(e)
+    difference-of-squares k*sum(u**2) - k*sum(v**2) -> k*sum((u - v)*(u + v))
+    norm                  sqrt(sum(e**2)) -> norm(e)   (scaled: no overflow)
+    normalized-sum        sum(a*c) / norm(a) -> sum((a / norm(a)) * c)
+  joining the "precision" phase (ROW_PRECISION_RULES), on the lowered value and gradients:
+    expm1-power-ratio     (-expm1(t))**a * t -> -(-expm1(t))**(a + 1) / exprel(t)
 
 Vocabulary, as the symbols are named in C:
 - element symbols `x_<input>`: inside a reduction, element j of a row input;
@@ -17,8 +28,10 @@ How a row becomes a gradient, for F(row scalars):
 - the adjoint of each row scalar is accumulated in reverse creation order (inner reductions
   are created first, so that is a reverse topological order);
 - a sum passes its adjoint on to the row scalars inside it through a new reduction
-  sum_j d e_j / d s (another pass, or the same one when it depends on nothing new);
-- a logsumexp does the same with the softmax weights exp(e_j - m - r);
+  sum_j d e_j / d s (another pass, or the same one when it depends on nothing new), or,
+  when d e_j / d s = c * e_j with c the same for every class, as c times the sum itself;
+- a logsumexp does the same with the softmax weights exp(e_j - m - r), a norm with the
+  weights e_j / norm;
 - a max or min is its argument at its argmax (first one on ties, like torch.max(dim)):
   its adjoint flows into the elements gathered there;
 - the gradient pass writes, per element j, the sum over reductions of adjoint x weight x
@@ -30,7 +43,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import sympy
+from sympy.codegen.cfunctions import expm1
 
+from .functions import Exprel
 from .stabilize import local_rule
 
 NCLASS = sympy.Symbol("ncls", positive=True)
@@ -80,7 +95,41 @@ class LogSumExp(RowReduction):
         return sympy.log(RowSum(sympy.exp(self.args[0])))
 
 
-REDUCTIONS = (RowSum, RowMax, RowMin, LogSumExp)
+class RowNorm(RowReduction):
+    """sqrt(sum_j e_j**2), accumulated in one pass with a power-of-two scale (BLAS nrm2's
+    idea, with exact scaling): sum((e_j / s)**2) for s a power of two near the largest |e_j|,
+    times s. Overflows only where the norm does (the plain sum of squares is inf from
+    |e_j| = 1.3e154) and keeps every digit of a tiny vector. d/de_j = e_j / norm."""
+
+    kind = "norm"
+
+    def _eval_is_nonnegative(self):
+        return self.args[0].is_real
+
+    def naive(self):
+        return sympy.sqrt(RowSum(self.args[0]**2))
+
+
+class Quotient(sympy.Function):
+    """a / b, divided as written. sympy merges a quotient's denominators into one product
+    (x2 / r0 / r1 becomes x2 / (r0 * r1)), which overflows where r0 and r1 are two large
+    norms although the quotient is an ordinary number; this node keeps a / b one division
+    (e_j / |e| is at most 1 in magnitude: a unit vector's element)."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return 1 / b if argindex == 1 else -Quotient(a, b) / b
+
+    def _eval_is_real(self):
+        return self.args[0].is_real and self.args[1].is_real
+
+    def naive(self):
+        return self.args[0] / self.args[1]
+
+
+REDUCTIONS = (RowSum, RowMax, RowMin, LogSumExp, RowNorm)
 
 
 # --------------------------------------------------------------------------- row rewrites
@@ -106,11 +155,108 @@ def _log_of_product(node):
     return sympy.Add(*(f.exp * sympy.log(f.base) if f.is_Pow else sympy.log(f) for f in factors))
 
 
+def _norm(node):
+    """sum(e**2)**(k/2) -> norm(e)**k for odd k (sqrt(sum(e**2)) is norm(e))."""
+    if node.is_Pow and isinstance(node.base, RowSum) and (2 * node.exp).is_odd:
+        e = node.base.args[0]
+        if e.is_Pow and e.exp == 2:
+            return RowNorm(e.base)**(2 * node.exp)
+    return None
+
+
+def _normalized_sum(node):
+    """sum(a*c) / norm(a) -> sum(Quotient(a, norm(a)) * c): the division moves inside, onto
+    the factor whose norm it is (each a_j / |a| is at most 1). A dot product of two large
+    vectors overflows where the cosine dot(a, b) / (|a| |b|) is an ordinary number; twice,
+    this rule makes it dot(a / |a|, b / |b|), whose terms are all at most 1."""
+    if not node.is_Mul:
+        return None
+    factors = list(node.args)
+    for i, f in enumerate(factors):
+        if not isinstance(f, RowSum):
+            continue
+        inside = sympy.Mul.make_args(f.args[0])
+        for j, d in enumerate(factors):
+            if d.is_Pow and d.exp == -1 and isinstance(d.base, RowNorm) and d.base.args[0] in inside:
+                a = d.base.args[0]
+                k = list(inside)
+                k.remove(a)
+                rest = [h for n, h in enumerate(factors) if n not in (i, j)]
+                return sympy.Mul(*rest, RowSum(sympy.Mul(Quotient(a, d.base), *k)))
+    return None
+
+
+def _squared_sum(term):
+    """(k, u) if `term` is k * sum(u**2) (k any factor that is not itself a row sum), else None."""
+    factors = sympy.Mul.make_args(term)
+    for n, f in enumerate(factors):
+        if isinstance(f, RowSum) and f.args[0].is_Pow and f.args[0].exp == 2:
+            k = sympy.Mul(*factors[:n], *factors[n + 1:])
+            if not k.has(RowSum):
+                return k, f.args[0].base
+    return None
+
+
+def _difference_of_squares(node):
+    """k*sum(u**2) - k*sum(v**2) -> k*sum((u - v)*(u + v)): two squared distances (the
+    triplet loss) overflow long before their difference does (u = 3e209 squares to inf, and
+    inf - inf is NaN), and the subtraction of two large sums loses every digit of a small
+    difference; per element, u - v and u + v are each one rounding. Both sums run over the
+    same row (a row loss has one class axis), so this is an identity."""
+    if not node.is_Add:
+        return None
+    terms = list(node.args)
+    squares = [(i, _squared_sum(t)) for i, t in enumerate(terms)]
+    squares = [(i, ku) for i, ku in squares if ku is not None]
+    squares.sort(key=lambda s: s[1][0].could_extract_minus_sign())  # k*sum(u**2) positive first
+    for i, (k, u) in squares:
+        for j, (k2, v) in squares:
+            if j != i and k2 == -k and u != v:
+                rest = [t for n, t in enumerate(terms) if n not in (i, j)]
+                return sympy.Add(*rest, k * RowSum((u - v) * (u + v)))
+    return None
+
+
+def _expm1_power_ratio(node):
+    """(-expm1(t))**a * t -> -(-expm1(t))**(a + 1) / exprel(t), a not an integer: the focal
+    loss's derivative has (1 - p)**(gamma - 1) * log(p) with log(p) = t and 1 - p =
+    -expm1(t), inf * 0 = NaN where p rounds to 1 (gamma < 1), though the true value is
+    (1 - p)**gamma * log(p) / (p - 1) -> 0; t / expm1(t) = 1 / exprel(t) is near 1 there.
+    (In a row loss t = log(p) = x[label] - logsumexp(x); the rule itself is elementwise.)"""
+    if not node.is_Mul:
+        return None
+    factors = list(node.args)
+    for i, f in enumerate(factors):
+        # a non-integer power lowered by one (power-quotient's g - 1): the one that is
+        # infinite at 0 when g < 1; (1 - p)**gamma in the value itself is left alone
+        if not (f.is_Pow and not f.exp.is_Integer and f.exp.as_coeff_Add()[0] < 0):
+            continue
+        base = -f.base
+        if not isinstance(base, expm1):
+            continue
+        t = base.args[0]
+        for j, d in enumerate(factors):
+            sign = -1 if d == t else 1 if d == -t else 0
+            if j != i and sign:
+                rest = [h for n, h in enumerate(factors) if n not in (i, j)]
+                return sympy.Mul(sign, *rest, f.base**(f.exp + 1), 1 / Exprel(t))
+    return None
+
+
 # Rules for the "to-stable-nodes" phase of stabilize.py (run on a row loss before lowering).
 ROW_RULES = (
     local_rule("log-of-product", "log(exp(a) * b)", "a + log(b)   (every factor positive)",
                _log_of_product),
     local_rule("log-sum-exp", "log(sum(exp(e)))", "logsumexp(e)", _log_sum_exp),
+    local_rule("difference-of-squares", "k*sum(u**2) - k*sum(v**2)", "k*sum((u - v)*(u + v))",
+               _difference_of_squares),
+    local_rule("norm", "sqrt(sum(e**2))", "norm(e)   (scaled: no overflow)", _norm),
+    local_rule("normalized-sum", "sum(a*c) / norm(a)", "sum((a / norm(a)) * c)", _normalized_sum),
+)
+# Rules for the "precision" phase (run on the row loss's value and gradients after lowering).
+ROW_PRECISION_RULES = (
+    local_rule("expm1-power-ratio", "(-expm1(t))**a * t", "-(-expm1(t))**(a + 1) / exprel(t)",
+               _expm1_power_ratio),
 )
 
 
@@ -140,7 +286,7 @@ def replace_outside(expr, mapping: dict):
 
 @dataclass
 class Scalar:
-    """One row scalar. kind: 'sum', 'max', 'min', 'lse' (reductions over the row), or
+    """One row scalar. kind: 'sum', 'norm', 'max', 'min', 'lse' (reductions over the row), or
     'gather' (a row input read at one class index)."""
 
     n: int
@@ -256,7 +402,14 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
             if d is s:
                 continue
             partial = sympy.diff(s.arg, d.sym)
-            if partial != 0:
+            if partial == 0:
+                continue
+            ratio = partial / s.arg
+            if s.kind == "sum" and not (ratio.free_symbols & set(elements)):
+                # d e_j / d r = c * e_j with c the same for every j: sum_j c*e_j = c * s, no new
+                # pass (and no sum of e_j / r0**2, whose r0**2 overflows where c*s does not).
+                add(d.sym, a * ratio * s.sym)
+            else:
                 total = low.lower(RowSum(weight * partial))  # a sum only the gradient reads
                 add(d.sym, a * total)
     prog.scalars = low.scalars
@@ -266,8 +419,15 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
         x = next(sym for sym, n in elements.items() if n == name)
         g = sympy.S.Zero
         for s in primaries:
-            if s.kind in ("sum", "lse") and s.sym in adj and x in s.arg.free_symbols:
-                g += adj[s.sym] * _weight(s) * sympy.diff(s.arg, x)
+            if s.kind in ("sum", "lse", "norm") and s.sym in adj and x in s.arg.free_symbols:
+                term = adj[s.sym] * _weight(s) * sympy.diff(s.arg, x)
+                if term.has(Quotient):
+                    # Into the adjoint's branches: a branch whose adjoint is 0 must give 0,
+                    # not 0 * (x_j / r) with the norm r = 0 (cosine's zero vector, in the
+                    # branch not taken). Only there: folding every term would split
+                    # softmax - onehot across branches, out of the expm1 rule's sight.
+                    term = sympy.piecewise_fold(term)
+                g += term
         picks = [(adj[gsym], sympy.Eq(J, gs.index)) for gsym, gs in low.gathers.items()
                  if gs.source == name and gsym in adj]
         if len(picks) == 1:
@@ -282,7 +442,9 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
 
 
 def _weight(s: Scalar):
-    """d r / d e_j of a sum or logsumexp reduction."""
+    """d r / d e_j of a sum, norm or logsumexp reduction."""
+    if s.kind == "norm":
+        return Quotient(s.arg, s.sym)
     return sympy.S.One if s.kind == "sum" else sympy.exp(s.arg - s.shift - s.sym)
 
 
@@ -295,7 +457,7 @@ def _input_index(elements: dict, x) -> int:
 
 @dataclass(frozen=True)
 class Step:
-    """One accumulation in a pass: role 'sum', 'max', 'min', 'lse_max' (the shift and its
+    """One accumulation in a pass: role 'sum', 'norm', 'max', 'min', 'lse_max' (the shift and its
     argmax) or 'lse_tail' (the sum of exp(e_j - m) over j != argmax)."""
 
     scalar: Scalar

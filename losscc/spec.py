@@ -281,21 +281,22 @@ class _Validator:
         if "examples" in top:
             examples = self.examples(top["examples"][1], inputs, params, variants)
         inputs = tuple(self.domain(i, variants) for i in inputs)
-        accuracy, conditioned, reason = DEFAULT_ACCURACY, False, ""
+        accuracy, conditioned, when, reason = DEFAULT_ACCURACY, False, (), ""
         if "accuracy" in top:
-            accuracy, conditioned, reason = self.accuracy(top["accuracy"][1])
+            accuracy, conditioned, when, reason = self.accuracy(top["accuracy"][1], variants)
         return LossSpec(
             name=name, path=self.label, loc=self.loc(top["name"][1]), summary=summary,
             reference=reference, doc=doc, aliases=aliases, inputs=inputs, params=params,
             variants=variants, let=let, loss=loss, examples=examples, source_hash=source_hash,
             positional=positional, alias_locs=alias_locs, axis=axis, accuracy=accuracy,
-            accuracy_reason=reason, accuracy_conditioned=conditioned,
+            accuracy_reason=reason, accuracy_conditioned=conditioned, accuracy_conditioned_when=when,
         )
 
-    def accuracy(self, node) -> tuple:
+    def accuracy(self, node, variants) -> tuple:
         """accuracy: {ulps: N, conditioned: true, reason: why}: a looser bound than the default
         (more ulps, or ulps of the formula's conditioning rather than of the result), with its
-        reason. Returns (ulps, conditioned, reason)."""
+        reason. `conditioned` may instead name the variant values where it holds:
+        {from_sigmoid: true}. Returns (ulps, conditioned, when, reason)."""
         fields = self.options(node, "accuracy", ("ulps", "conditioned", "reason"))
         if ("ulps" not in fields and "conditioned" not in fields) or "reason" not in fields:
             self.fail(node, "accuracy needs 'ulps' (the bound) or 'conditioned: true', and "
@@ -305,13 +306,34 @@ class _Validator:
             ulps = self.number(fields["ulps"][1], "accuracy ulps")
             if not ulps >= 1:
                 self.fail(fields["ulps"][1], f"accuracy ulps must be >= 1, got {ulps!r}")
-        conditioned = False
+        conditioned, when = False, ()
         if "conditioned" in fields:
-            conditioned = self.boolean(fields["conditioned"][1], "accuracy conditioned")
+            cnode = fields["conditioned"][1]
+            if isinstance(cnode, yaml.MappingNode):
+                conditioned, when = True, self.variant_values(cnode, variants, "accuracy conditioned")
+            else:
+                conditioned = self.boolean(cnode, "accuracy conditioned")
         reason = self.string(fields["reason"][1], "accuracy reason").strip()
         if not reason:
             self.fail(fields["reason"][1], "accuracy reason is empty: say why the bound is looser")
-        return ulps, conditioned, reason
+        return ulps, conditioned, when, reason
+
+    def variant_values(self, node, variants, what: str) -> tuple:
+        """{variant: value, ...} -> ((name, value), ...), each a declared variant and value."""
+        out = []
+        for knode, vnode in node.value:
+            name = self.scalar(knode, what)
+            variant = next((v for v in variants if v.name == name), None)
+            if variant is None:
+                self.fail(knode, f"{what}: '{name}' is not a variant "
+                                 f"(variants: {', '.join(v.name for v in variants) or 'none'})")
+            raw = self.scalar(vnode, what)
+            value = next((v for v in variant.values if str(v).lower() == str(raw).lower()), None)
+            if value is None:
+                self.fail(vnode, f"{what}: {raw!r} is not a value of variant '{name}' "
+                                 f"(values: {', '.join(map(str, variant.values))})")
+            out.append((name, value))
+        return tuple(out)
 
     def domain(self, inp: InputSpec, variants) -> InputSpec:
         """The input's `domain:` (kept aside by inputs()), parsed now that variants are known."""

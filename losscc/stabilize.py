@@ -10,6 +10,10 @@ does not matter, and a match anywhere inside the expression is rewritten):
     log-sigmoid      log(sigmoid(u)) -> -softplus(-u)
     log-1m-sigmoid   log(1 - sigmoid(u)) -> -softplus(u)
     logcosh          log(cosh(u)) -> logcosh(u)
+    dominant-sum     exp(u) + c*u -> dominant_sum(exp(u), c, u)
+                                                               (and u + c*log(u + k) ->
+                                                                dominant_sum(u, c, log(u + k));
+                                                                c, k free of u's symbols)
   phase "precision", repeated until nothing changes:
     sigmoid-minus-1  k*sigmoid(u) - k -> -k*sigmoid(-u)        (sigmoid(u) - 1 -> -sigmoid(-u))
     expm1            k*exp(u) - k -> k*expm1(u)                (exp(u) - 1 -> expm1(u);
@@ -42,7 +46,7 @@ from dataclasses import dataclass
 import sympy
 from sympy.codegen.cfunctions import expm1, log1p
 
-from .functions import LogCosh, Sigmoid, Softplus
+from .functions import DominantSum, LogCosh, Sigmoid, Softplus
 
 MAX_ROUNDS = 20  # a phase that still changes the expression after this many rounds is a bug
 
@@ -220,6 +224,38 @@ def _logcosh(node):
     return None
 
 
+def _dominant_sum(node):
+    """exp(u) + c*u -> dominant_sum(exp(u), c, u), and u + c*log(u + k) -> dominant_sum(u, c,
+    log(u + k)), for c and k free of u's symbols: the Poisson NLL on log-rates and on rates.
+    At u = +inf (or where exp(u) and c*u both overflow) the plain sum is inf - inf, and at
+    c = 0 it is inf + 0*inf, both NaN; the first term grows faster, so the limit is it (the
+    node's C helper returns it there and the plain sum everywhere else). The node is not an
+    Add, so the rule cannot fire on its own output."""
+    if not node.is_Add:
+        return None
+    terms = list(node.args)
+    for i, a in enumerate(terms):
+        if isinstance(a, sympy.exp):
+            u, slow = a.args[0], lambda f, u: f == u
+        elif a.is_Symbol:
+            u, slow = a, lambda f, u: isinstance(f, sympy.log) and f.args[0].has(u) \
+                and not (f.args[0] - u).free_symbols & u.free_symbols
+        else:
+            continue
+        if not u.free_symbols:
+            continue
+        for j, term in enumerate(terms):
+            if j == i:
+                continue
+            factors = sympy.Mul.make_args(term)
+            for n, f in enumerate(factors):
+                c = sympy.Mul(*factors[:n], *factors[n + 1:])
+                if slow(f, u) and not c.free_symbols & u.free_symbols:
+                    others = [t for m, t in enumerate(terms) if m not in (i, j)]
+                    return sympy.Add(*others, DominantSum(a, c, f))
+    return None
+
+
 def _power_quotient(node):
     """x**g / x -> x**(g - 1) (and x**g / (-x) -> -x**(g - 1)) for a non-integer power g:
     sympy's derivative of x**g is g*x**g/x, which is 0/0 = NaN at x = 0 where the true
@@ -275,6 +311,7 @@ PHASES = (
         local_rule("log-sigmoid", "log(sigmoid(u))", "-softplus(-u)", _log_sigmoid),
         local_rule("log-1m-sigmoid", "log(1 - sigmoid(u))", "-softplus(u)", _log_one_minus_sigmoid),
         local_rule("logcosh", "log(cosh(u))", "logcosh(u)", _logcosh),
+        local_rule("dominant-sum", "exp(u) + c*u", "dominant_sum(exp(u), c, u)", _dominant_sum),
     )),
     Phase("precision", (
         local_rule("sigmoid-minus-1", "k*sigmoid(u) - k", "-k*sigmoid(-u)",

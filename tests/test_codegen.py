@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mpmath
+import numpy as np
 import pytest
 import sympy
 
@@ -155,3 +157,141 @@ def test_constants_are_correctly_rounded_double_literals(expr, want):
 def test_a_constant_that_is_not_finite_in_double_is_a_build_error():
     with pytest.raises(BuildError, match="constant inf is not finite"):
         c(sympy.Float("1e400") * x)
+
+
+# ---------------------------------------------------------------------------- printer lowerings
+# (LossCPrinter's docstring: log-near-1, sub-ratio, quotient-chain). Each: it fires, its
+# value is right to an ulp where the plain form is not, and a near miss prints plainly.
+
+LOWERED = [
+    # log-near-1: S - 1 with the literal folded; S itself as written ((1 - p) + eps)
+    (sympy.log(1 - x + eps), "lcc_log_near1(1 - x_pred + p_epsilon, (-x_pred) + p_epsilon)"),
+    (sympy.log(x + eps), "lcc_log_near1(x_pred + p_epsilon, (-1) + x_pred + p_epsilon)"),
+    (sympy.log(1 + x + y), "lcc_log_near1(1 + x_label + x_pred, x_label + x_pred)"),
+    # sub-ratio: (p - t) + eps, the cancelling terms first
+    (1 - y / (x + eps),
+     "lcc_sub_ratio(1, x_label/(x_pred + p_epsilon), (-x_label) + x_pred + p_epsilon, x_pred + p_epsilon)"),
+    (2 + y / x, "lcc_sub_ratio(2, -x_label/x_pred, x_label + 2*x_pred, x_pred)"),
+    # exp-sub: A*exp(u) + S with S reading an input
+    (sympy.exp(x) - y, "lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label)"),
+    # quotient-chain
+    (y / (x + eps)**2, "x_label/(x_pred + p_epsilon)/(x_pred + p_epsilon)"),
+    (-3 * y / (x**2 * eps), "(-3*x_label)/x_pred/x_pred/p_epsilon"),
+    (1 / (eps**2 * sympy.cosh(x)**2), "1/p_epsilon/p_epsilon/cosh(x_pred)/cosh(x_pred)"),
+]
+
+PLAIN = [
+    (sympy.log(x), "log(x_pred)"),
+    (sympy.log(x + y), "log(x_label + x_pred)"),       # no literal 1, two terms that read inputs
+    (sympy.log(2 * x), "log(2*x_pred)"),
+    (1 - y / x + x, "1 - x_label/x_pred + x_pred"),     # more than k - a/b
+    (y / x, "x_label/x_pred"),                          # one division: nothing to chain
+    (sympy.exp(x) + sympy.exp(y) - y, "(-x_label) + exp(x_label) + exp(x_pred)"),  # two exps
+    (sympy.exp(x) - 2, "(-2) + exp(x_pred)"),          # a number: stabilize's expm1 rule's job
+    (x**-2, "1.0/(x_pred*x_pred)"),                    # a plain power (the printer table)
+    (y / (x**2 * sympy.sqrt(eps)), "x_label/(sqrt(p_epsilon)*(x_pred*x_pred))"),  # a non-integer power
+]
+
+
+@pytest.mark.parametrize("expr, want", LOWERED)
+def test_printer_lowering_fires(expr, want):
+    assert c(expr) == want
+
+
+@pytest.mark.parametrize("expr, want", PLAIN)
+def test_printer_lowering_leaves_near_misses_alone(expr, want):
+    assert c(expr) == want
+
+
+def test_lowerings_see_through_cse_temporaries():
+    # p + eps is shared by log(p + eps), t/(p + eps) and t/(p + eps)**2: cse names it, and the
+    # printer still folds the literal, sums (p - t) + eps and passes the temporary on.
+    value = x - y * sympy.log(x + eps)
+    grad = sympy.diff(value, x)
+    body = dict(kernel_body(shared_cse(SymbolicVariant("base", {}, value, (grad,), sympy.diff(grad, x))), "vgh"))
+    assert body["t0"] == "x_pred + p_epsilon"
+    assert body["val"] == "(-x_label*lcc_log_near1(t0, (-1) + x_pred + p_epsilon)) + x_pred"
+    assert body["g0"] == "lcc_sub_ratio(1, x_label/t0, (-x_label) + x_pred + p_epsilon, t0)"
+    assert body["h0"] == "x_label/t0/t0"
+
+
+def _ulps(got, want, dtype):
+    return abs(mpmath.mpf(float(got)) - want) / float(np.spacing(dtype(abs(float(want)))))
+
+
+# (loss, kwargs, pred, label, dtype, output, truth): each truth by mpmath from the written
+# formula (the comment), at the float inputs; each point from `losscc check`'s report, where
+# the plain form was off by the ulps in the comment.
+LOWERED_VALUES = [
+    # log-near-1, f64: -log(1 - 0 + 1e-12) = -(1e-12 - 5e-25); plain log(1 + 1e-12): 4.4e11 ulps
+    ("SigmoidBCELoss", {"from_sigmoid": True}, 0.0, 0.0, np.float64, "value",
+     lambda p, z: -mpmath.log(1 - p + mpmath.mpf(1e-12))),
+    # log-near-1, f32 (computed in double): -log(1 + 1e-12) at p = 1, z = 1; plain: 1251 ulps
+    ("SigmoidBCELoss", {"from_sigmoid": True}, 1.0, 1.0, np.float32, "value",
+     lambda p, z: -mpmath.log(p + mpmath.mpf(1e-12))),
+    # sub-ratio, f64: 1 - t/(p + 1e-8); plain: 1.7e8 ulps
+    ("PoissonNLLLoss", {"from_logits": False}, 3.4831797283674014e+171, 3.4831797340892283e+171,
+     np.float64, "grad", lambda p, t: 1 - t / (p + mpmath.mpf(1e-8))),
+    # sub-ratio, f32: p = t = 509.73285: 1e-8/(p + 1e-8); plain: 20 ulps
+    ("PoissonNLLLoss", {"from_logits": False}, 509.73284912109375, 509.73284912109375,
+     np.float32, "grad", lambda p, t: 1 - t / (p + mpmath.mpf(1e-8))),
+    # exp-sub, f64: exp(p) - t at t = 1 is expm1(p) = 0.024094897251961836 (mpmath); plain:
+    # exp(p) - 1 cancels, 18 ulps
+    ("PoissonNLLLoss", {"compute_full": True}, 0.023809195421048795, 1.0, np.float64, "grad",
+     lambda p, t: mpmath.exp(p) - t),
+    # quotient-chain, f64: t/(p + 1e-8)**2 = 3.19e-245; plain: 0
+    ("PoissonNLLLoss", {"from_logits": False}, 3.13496512017867e+244, 3.135266070944311e+244,
+     np.float64, "hess", lambda p, t: t / (p + mpmath.mpf(1e-8))**2),
+    # quotient-chain, f64: 1/(s**2 cosh((p - y)/s)**2) = 6.9e-318 (u = -375); plain: 0
+    ("LogCoshLoss", {"scale": 0.00012744778304576735}, 0.006282722661412111, 0.05405075074166484,
+     np.float64, "hess", lambda p, y: 1 / (mpmath.mpf(0.00012744778304576735)**2
+                                          * mpmath.cosh((p - y) / mpmath.mpf(0.00012744778304576735))**2)),
+]
+
+
+@pytest.mark.parametrize("cls_name, kwargs, pred, label, dtype, output, truth", LOWERED_VALUES)
+def test_printer_lowerings_are_exact_where_the_plain_form_is_not(losses, cls_name, kwargs, pred,
+                                                                 label, dtype, output, truth):
+    loss = getattr(losses, cls_name)(**kwargs)
+    p, t = np.array([pred], dtype), np.array([label])
+    got = {"value": lambda: loss(p, t), "grad": lambda: loss.grad(p, t),
+           "hess": lambda: loss.grad_hess(p, t)[1]}[output]()[0]
+    with mpmath.workdps(60):
+        want = truth(mpmath.mpf(float(p[0])), mpmath.mpf(label))
+        assert _ulps(got, want, dtype) <= 1, (got, want)
+
+
+def test_sum_with_a_row_shift_adds_the_data_terms_first():
+    # log_softmax is (x - m) - r: where m = x = 6e247, 1 + m - x + log(q) + r must not round 1
+    # and log(q) away in 1 + m; without a shift the literal still comes first ((1 - p) + eps).
+    m, r, q = (sympy.Symbol(n, real=True) for n in ("m0", "r0", "x_label"))
+    assert c(1 + m - x + sympy.log(q) + r) == "m0 - x_pred + 1 + log(x_label) + r0"
+    assert c(1 - x + eps) == "1 - x_pred + p_epsilon"
+
+
+def test_quotient_prints_as_one_division():
+    # x2 / r1 / r0 stays two divisions: sympy's x2/(r0*r1) overflows where r0, r1 are 1e200
+    from losscc.rows import Quotient
+
+    r0, r1 = sympy.Symbol("r0", real=True), sympy.Symbol("r1", real=True)
+    assert c(Quotient(x, r1) / r0) == "(x_pred/r1)/r0"
+    assert c(Quotient(x + 1, r0 * r1)) == "((1 + x_pred)/(r0*r1))"  # literal first, as in any sum
+
+
+def test_exp_sub_keeps_a_one_hot_softmax_minus_1(losses):
+    # KL from logits, label [1, 0]: d/dpred[0] = (softmax_0 - 1) / 2 = -sigmoid(x1 - x0) / 2,
+    # -1.3668120172586644e-35 at the point `losscc check` reported (mpmath: the truth there);
+    # sum(label) * p - label computed plainly is 0.
+    pred = np.array([[79.60202663122308, 0.017176590470092082]])
+    label = np.array([[1.0, 0.0]])
+    _, g = losses.KLDivLoss(from_logits=False).value_and_grad(pred, label)
+    with mpmath.workdps(60):
+        want = -1 / (1 + mpmath.exp(mpmath.mpf(pred[0, 0]) - mpmath.mpf(pred[0, 1]))) / 2
+    assert _ulps(g[0, 0], want, np.float64) <= 2, (g[0, 0], want)
+
+
+def test_dominant_sum_of_an_exp_knows_its_log():
+    from losscc.functions import DominantSum
+
+    assert c(DominantSum(sympy.exp(x), -y, x)) == "lcc_dominant_exp(exp(x_pred), -x_label, x_pred)"
+    assert c(DominantSum(x, -y, sympy.log(x))) == "lcc_dominant_sum(x_pred, -x_label, log(x_pred))"

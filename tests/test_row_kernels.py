@@ -399,3 +399,204 @@ def test_triplet_reshapes_every_input_like_pred(losses):
     np.testing.assert_array_equal(v, v0)
     assert grads[1].shape == grads[2].shape == (3, 8)
     np.testing.assert_array_equal(grads[2], grads0[2].reshape(3, 8))
+
+
+# --------------------------------------------------------------------------- overflow-free rows
+# Each rule: it fires, it is an identity, near misses are left alone, and the kernel it makes
+# is finite and right where the written form overflows (points from `losscc check`).
+
+U = sympy.Symbol("x_positive", real=True)
+V = sympy.Symbol("x_negative", real=True)
+A = sympy.Symbol("x_pred", real=True)
+
+
+def _one_class(expr):
+    """`expr` on a row of one class (every reduction is its own argument). Every row rule
+    rewrites per element, so an identity on one class is an identity on any row (sums are
+    linear; a norm of one element is |e|)."""
+    from losscc.rows import RowNorm, RowSum
+
+    return expr.replace(lambda e: isinstance(e, RowSum), lambda e: e.args[0]) \
+               .replace(lambda e: isinstance(e, RowNorm), lambda e: sympy.Abs(e.args[0]))
+
+
+def test_rule_difference_of_squares_fires_and_is_exact():
+    from losscc.rows import RowSum
+
+    before = RowSum((U - A)**2) - RowSum((V - A)**2) + sympy.Symbol("p_margin")
+    out, fired = _stabilized(before)
+    assert [f[0] for f in fired] == ["difference-of-squares"]
+    assert out == RowSum((U - V) * (U + V - 2 * A)) + sympy.Symbol("p_margin")
+    assert sympy.expand(_one_class(out) - _one_class(before)) == 0
+    # a common factor k comes along: 3*sum(u**2) - 3*sum(v**2)
+    out, _ = _stabilized(3 * RowSum(U**2) - 3 * RowSum(V**2))
+    assert out == 3 * RowSum((U - V) * (U + V))
+
+
+@pytest.mark.parametrize("expr", [
+    "RowSum(U**2) + RowSum(V**2)",            # a sum, not a difference
+    "RowSum(U**2) - 2*RowSum(V**2)",          # different factors
+    "RowSum(U**3) - RowSum(V**3)",            # not squares
+    "RowSum(U**2) - RowSum(V)**2",            # the square of a sum
+    "RowSum(U**2) - RowSum(V**2 + 1)",        # a sum of something else
+])
+def test_rule_difference_of_squares_near_misses(expr):
+    from losscc.rows import RowSum
+
+    before = eval(expr, {"RowSum": RowSum, "U": U, "V": V})  # noqa: S307 - test literals
+    _, fired = _stabilized(before)
+    assert "difference-of-squares" not in [f[0] for f in fired]
+
+
+def test_triplet_at_huge_anchors_is_finite(losses):
+    """pred = -3e209 squares to inf in both distances (inf - inf = NaN before the rule).
+    Row 1 (from `losscc check`): d+ - d- is -7.4e270, relu 0, gradients 0. Row 2, by hand:
+    u = pos - pred = [1e100 + 3e200, 0], v = neg - pred = [3e200, 0]: u^2 - v^2 = (u - v)(u + v)
+    = 1e100 * (6e200 + 1e100) = 6e300 (+ 1e200, below its ulp) + margin 1; gradients
+    2(neg - pos) = [-2e100, 0], 2(pos - pred) = [2(3e200 + 1e100), 0] = [6e200, 0] (1e100 is
+    below the ulp), -2(neg - pred) = [-6e200, 0]."""
+    pred = np.array([[-3.125611581049725e209] * 2, [-3e200, 0.0]])
+    pos = np.array([[0.0023795751097501656, 0.014556778150152173], [1e100, 0.0]])
+    neg = np.array([[1.180117513819535e61, -341.08968383190586], [0.0, 0.0]])
+    v, (gp, gpos, gneg) = losses.TripletLoss().value_and_grad(pred, pos, neg)
+    np.testing.assert_allclose(v, [0.0, 6e300], rtol=4 * EPS[np.float64])
+    np.testing.assert_allclose(gp, [[0, 0], [-2e100, 0]], rtol=4 * EPS[np.float64])
+    np.testing.assert_allclose(gpos, [[0, 0], [6e200, 0]], rtol=4 * EPS[np.float64])
+    np.testing.assert_allclose(gneg, [[0, 0], [-6e200, 0]], rtol=4 * EPS[np.float64])
+
+
+X1 = sympy.Symbol("x_input1", real=True)
+X2 = sympy.Symbol("x_input2", real=True)
+
+
+def test_rules_norm_and_normalized_sum_make_the_cosine_a_dot_of_unit_vectors():
+    from losscc.functions import naive
+    from losscc.rows import Quotient, RowNorm, RowSum
+
+    cos = RowSum(X1 * X2) / (sympy.sqrt(RowSum(X1**2)) * sympy.sqrt(RowSum(X2**2)))
+    out, fired = _stabilized(cos)
+    n1, n2 = RowNorm(X1), RowNorm(X2)
+    assert out == RowSum(Quotient(X1, n1) * Quotient(X2, n2))
+    assert sorted({f[0] for f in fired}) == ["norm", "normalized-sum"]
+    # an identity: back to textbook math, on one class, both are sign(x1 * x2)
+    back = _one_class(out).replace(lambda e: isinstance(e, Quotient), lambda e: e.naive())
+    assert sympy.simplify(back - _one_class(naive(cos))) == 0
+
+
+@pytest.mark.parametrize("text", [
+    "sqrt(RowSum(X1**3))",                        # not a sum of squares
+    "sqrt(RowSum(X1**2) + 1)",                    # not a bare sum
+    "RowSum(X1**2)**2",                           # an even power: no square root
+    "RowSum(X1 * X2) / sqrt(RowSum(X1**2 + 1))",  # the norm of something else
+    "RowSum(X1 + X2) / sqrt(RowSum(X1**2))",      # x1 is not a factor of the summand
+])
+def test_rules_norm_and_normalized_sum_near_misses(text):
+    from losscc.rows import Quotient, RowNorm, RowSum
+
+    before = eval(text, {"RowSum": RowSum, "X1": X1, "X2": X2, "sqrt": sympy.sqrt})  # noqa: S307
+    out, _ = _stabilized(before)
+    assert not out.has(Quotient)
+    if "+ 1" in text or "**3" in text or "**2)**2" in text:
+        assert not out.has(RowNorm)
+
+
+def test_cosine_of_huge_vectors_is_finite_and_right(losses):
+    """From `losscc check`: |a| |b| and a.b overflow (2.8e232 * 1.5e86), so the written form is
+    inf/inf = NaN; the true values, by mpmath at 50 digits from the written formula below,
+    are ordinary numbers. Also vectors of 1e-160s, whose squares are subnormal."""
+    import mpmath
+
+    a = np.array([[-0.004091017746731648, 2.7626311193315645e232], [3e-160, 4e-160]])
+    b = np.array([[1.0934529315417186e86, 1.0934529315417186e86], [4e-160, 3e-160]])
+    y = np.array([1.0, -1.0])
+    loss = losses.CosineEmbeddingLoss(epsilon=1e-320)  # row 2: |a||b| = 2.5e-319 > epsilon
+    v, (ga, gb) = loss.value_and_grad(a, b, y)
+    with mpmath.workdps(50):
+        for i in range(2):
+            va, vb = [mpmath.mpf(t) for t in a[i]], [mpmath.mpf(t) for t in b[i]]
+            na, nb = mpmath.sqrt(sum(t * t for t in va)), mpmath.sqrt(sum(t * t for t in vb))
+            cos = sum(s * t for s, t in zip(va, vb)) / (na * nb)
+            sign = -1 if y[i] == 1 else 1  # label 1: 1 - cos; label -1: cos (above the margin 0)
+            want_v = 1 - cos if y[i] == 1 else cos
+            want_ga = [sign * (t / (na * nb) - cos * s / na**2) for s, t in zip(va, vb)]
+            want_gb = [sign * (s / (na * nb) - cos * t / nb**2) for s, t in zip(va, vb)]
+            np.testing.assert_allclose(v[i], float(want_v), rtol=4 * EPS[np.float64])
+            np.testing.assert_allclose(ga[i], [float(t) for t in want_ga], rtol=8 * EPS[np.float64])
+            np.testing.assert_allclose(gb[i], [float(t) for t in want_gb], rtol=8 * EPS[np.float64])
+
+
+def test_norm_kernel_scales_and_keeps_inf_and_nan(tmp_path):
+    """norm(pred), by hand: |[3, 4]| * 2^k = 5 * 2^k for k = +-600 (the squares overflow and
+    underflow), d/dpred = pred / |pred| = [0.6, 0.8]; a row with inf is inf, with NaN NaN."""
+    (tmp_path / "n.yaml").write_text("name: n\nsummary: s\nreference: r\ninputs:\n  pred: {row: true}\n"
+                                     "loss: norm(pred)\n")
+    mod = losscc.load(build([tmp_path], out=tmp_path / "out", name="norms", log=lambda *a: None).path)
+    k = 2.0**600
+    x = np.array([[3 * k, 4 * k], [3 / k, 4 / k], [np.inf, 1.0], [np.nan, np.inf], [0.0, 0.0]])
+    v, g = mod.n().value_and_grad(x)
+    np.testing.assert_array_equal(v[:2], [5 * k, 5 / k])
+    np.testing.assert_allclose(g[:2], [[0.6, 0.8], [0.6, 0.8]], rtol=EPS[np.float64])
+    assert v[2] == np.inf and np.isnan(v[3]) and v[4] == 0.0
+
+
+def test_rule_expm1_power_ratio_fires_is_exact_and_leaves_near_misses():
+    """(1 - p)**(g - 1) * log(p) with 1 - p = -expm1(t), t = log(p): the ratio form, equal
+    to the original at 50 digits (mpmath) away from t = 0."""
+    import mpmath
+    from sympy.codegen.cfunctions import expm1
+
+    from losscc.functions import Exprel, naive
+    from losscc.rows import ROW_PRECISION_RULES
+    from losscc.stabilize import stabilize
+
+    t, g = sympy.Symbol("t", real=True), sympy.Symbol("p_gamma", real=True)
+    before = g * (-expm1(t))**(g - 1) * t
+    out, fired = stabilize(before, phases=("precision",), extra={"precision": ROW_PRECISION_RULES})
+    assert [f[0] for f in fired] == ["expm1-power-ratio"]
+    assert out == -g * (-expm1(t))**g / Exprel(t)
+    f_before = sympy.lambdify((t, g), before.replace(lambda e: isinstance(e, expm1),
+                                                     lambda e: sympy.exp(e.args[0]) - 1), "mpmath")
+    f_after = sympy.lambdify((t, g), naive(out).replace(lambda e: isinstance(e, expm1),
+                                                        lambda e: sympy.exp(e.args[0]) - 1), "mpmath")
+    with mpmath.workdps(50):
+        for at, gamma in [(-0.5, 0.47), (-3.0, 2.5), (-1e-9, 0.25)]:
+            want = f_before(mpmath.mpf(at), mpmath.mpf(gamma))
+            assert abs(f_after(mpmath.mpf(at), mpmath.mpf(gamma)) - want) <= 1e-45 * abs(want)
+    for miss in [(-expm1(t))**g * t,            # the value's own power: left alone
+                 (-expm1(t))**(g - 1) * (t + 1),  # not the same t
+                 (-expm1(t))**-2 * t,             # an integer power
+                 (-expm1(2 * t))**(g - 1) * t]:   # expm1 of something else
+        _, fired = stabilize(miss, phases=("precision",), extra={"precision": ROW_PRECISION_RULES})
+        assert "expm1-power-ratio" not in [f[0] for f in fired], miss
+
+
+def test_focal_gradient_where_p_rounds_to_one_or_a_logit_is_the_float_max(losses):
+    """From `losscc check`: logit 1203 at the label with gamma 0.47 gave 0 * inf = NaN; the
+    true gradient, -2.7e-751 (by mpmath), rounds to 0. gamma = 0 there is cross entropy,
+    whose gradient is [e^-1203 (= 0 in double), -expm1(-log1p(e^-1203))] = [0, 0]. Logits
+    [-1.8e308, 0], label 0, gamma 2, by hand: p = 0 and 1 - p = 1 exactly, so the loss is
+    1.8e308 and the gradient (1 - p)^2 (1 + 2 p log(p) / (p - 1)) (p - 1, p_1) = [-1, 1]
+    (2 * -log(p) overflowed to inf before p = 0 multiplied it)."""
+    x = np.array([[0.0, 1203.0]])
+    for gamma in (0.47, 0.0):
+        v, g = losses.SoftmaxFocalLoss(gamma=gamma).value_and_grad(x, np.array([1]))
+        assert v[0] == 0.0 and np.all(g == 0.0), (gamma, v, g)
+    _, gce = losses.SoftmaxCrossEntropyLoss().value_and_grad(x, np.array([1]))
+    np.testing.assert_array_equal(g, gce)
+    big = np.finfo(np.float64).max
+    v, g = losses.SoftmaxFocalLoss(gamma=2.0).value_and_grad(np.array([[-big, 0.0]]), np.array([0]))
+    assert v[0] == big
+    np.testing.assert_array_equal(g, [[-1.0, 1.0]])
+
+
+def test_kl_label_gradient_at_huge_equal_logits(losses):
+    """From `losscc check`: pred = [6.2e247] * 2 (logp = -log 2), label [0.687.., 0.312..]:
+    d/dlabel = (log(label) + 1 - logp) / 2, by hand with logp = -log 2 (the row max is
+    subtracted from the logit before 1 and log(label) are added)."""
+    import math
+
+    pred = np.array([[6.233767084511154e247] * 2])
+    label = np.array([[0.6874396168862185, 0.3125603831137815]])
+    _, (_, gl) = losses.KLDivLoss(from_logits=False).value_and_grad(pred, label, wrt=("pred", "label"))
+    want = [(math.log(q) + 1 + math.log(2)) / 2 for q in label[0]]
+    np.testing.assert_allclose(gl[0], want, rtol=4 * EPS[np.float64])
