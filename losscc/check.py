@@ -430,7 +430,7 @@ def _error(got: float, truth, dtype, stat, cond=None) -> float:
         if mpmath.isfinite(scale):
             relative = min(ulps(got, t, dtype, scale) for t in sides)
             if relative < err:
-                stat.conditioned += 1
+                stat.conditioned += relative <= cond.bound
                 err = relative
     return err
 

@@ -535,7 +535,8 @@ def _print_block(temps, outputs, known=()) -> list:
     for t, e in [*known, *temps]:
         if reads_input(e, input_temps):
             input_temps.add(t.name)
-    printer = LossCPrinter(frozenset(input_temps), data_temps=_shift_temps([*known, *temps]))
+    printer = LossCPrinter(frozenset(input_temps), dict([*known, *temps]),
+                           data_temps=_shift_temps([*known, *temps]))
     return [(t.name, printer.doprint(e)) for t, e in temps] + \
         [(n, printer.doprint(e)) for n, e in outputs]
 

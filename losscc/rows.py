@@ -405,9 +405,12 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
             if partial == 0:
                 continue
             ratio = partial / s.arg
-            if s.kind == "sum" and not (ratio.free_symbols & set(elements)):
+            if s.kind == "sum" and not (ratio.free_symbols & set(elements)) \
+                    and _divisors(ratio) <= _divisors(partial):
                 # d e_j / d r = c * e_j with c the same for every j: sum_j c*e_j = c * s, no new
                 # pass (and no sum of e_j / r0**2, whose r0**2 overflows where c*s does not).
+                # Only if c divides by nothing partial did not: e_j = x_j * r gives c = 1/r,
+                # and c * s is 0/0 at r = 0 where the sum of x_j is finite.
                 add(d.sym, a * ratio * s.sym)
             else:
                 total = low.lower(RowSum(weight * partial))  # a sum only the gradient reads
@@ -439,6 +442,12 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
             g += sum((sympy.Piecewise((a, c), (0, True)) for a, c in picks), sympy.S.Zero)
         prog.grads[name] = g
     return prog
+
+
+def _divisors(expr) -> set:
+    """What `expr` divides by: the bases of its negative powers and its Quotients' divisors."""
+    out = {p.base for p in expr.atoms(sympy.Pow) if p.exp.is_negative}
+    return out | {q.args[1] for q in expr.atoms(Quotient)}
 
 
 def _weight(s: Scalar):

@@ -310,9 +310,15 @@ class _Validator:
         if "conditioned" in fields:
             cnode = fields["conditioned"][1]
             if isinstance(cnode, yaml.MappingNode):
+                if not cnode.value:
+                    self.fail(cnode, "accuracy conditioned: an empty mapping; say true, or the "
+                                     "variant values where it holds, e.g. {from_sigmoid: true}")
                 conditioned, when = True, self.variant_values(cnode, variants, "accuracy conditioned")
             else:
                 conditioned = self.boolean(cnode, "accuracy conditioned")
+        if not conditioned and "ulps" not in fields:
+            self.fail(node, "accuracy with 'conditioned: false' and no 'ulps' changes nothing: "
+                            "drop it, or give 'ulps'")
         reason = self.string(fields["reason"][1], "accuracy reason").strip()
         if not reason:
             self.fail(fields["reason"][1], "accuracy reason is empty: say why the bound is looser")
@@ -323,6 +329,8 @@ class _Validator:
         out = []
         for knode, vnode in node.value:
             name = self.scalar(knode, what)
+            if any(n == name for n, _ in out):
+                self.fail(knode, f"{what}: duplicate key '{name}'")
             variant = next((v for v in variants if v.name == name), None)
             if variant is None:
                 self.fail(knode, f"{what}: '{name}' is not a variant "

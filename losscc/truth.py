@@ -438,8 +438,11 @@ def resolve(fn, args, limit: float, slack: float = 0.0) -> Truth:
     return truth
 
 
-CONDITION_DPS = 60
-CONDITION_STEP = mpmath.mpf(2) ** -100  # relative
+# (digits, the two relative steps): the first that agrees; the second reaches inputs of
+# 1e308 whose function changes on a scale of 1 (softmax of huge logits), still linear there.
+CONDITION_LEVELS = ((60, mpmath.mpf(2) ** -100, mpmath.mpf(2) ** -80),
+                    (420, mpmath.mpf(2) ** -1300, mpmath.mpf(2) ** -1280))
+CONDITION_AGREE = mpmath.mpf(10) ** -6  # the two steps' estimates, relative to each other
 
 
 def condition(fn, args, vary) -> mpmath.mpf:
@@ -448,33 +451,58 @@ def condition(fn, args, vary) -> mpmath.mpf:
     this size times the working precision is inherent to the formula at this point (its
     componentwise condition times |f|), whatever the algorithm.
 
-    Forward differences with a relative step of 2^-100 at 60 digits, branches decided on
-    midpoints: truncation and evaluation noise are both below 10^-30 relative. Returns nan
-    where f cannot be evaluated at the point or its neighbours."""
+    Forward differences at two relative steps (2^-100 and 2^-80 at 60 digits, then 2^-1300
+    and 2^-1280 at 420 digits where those disagree), each value narrowed to well below the
+    difference it makes, branches decided on midpoints: where f is smooth the two agree far
+    below 10^-6. Where they never do, a kink lies within a step
+    (a jump divided by the step is no derivative), and the answer is nan, as where f cannot
+    be evaluated at the point or its neighbours: no excuse there."""
     saved = iv.dps
-    iv.dps = CONDITION_DPS
     _MODE.point = True
     try:
-        with mp.workdps(CONDITION_DPS):
-            def at(xs):
-                y = fn([iv.mpf(a) for a in xs])
-                return (_lo(y) + _hi(y)) / 2
-
-            base = at(args)
-            total = mpmath.mpf(0)
-            for i in vary:
-                x = mpmath.mpf(args[i])
-                if x == 0:
-                    continue
-                moved = list(args)
-                moved[i] = x * (1 + CONDITION_STEP)
-                total += abs(at(moved) - base) / CONDITION_STEP
-            return total if mpmath.isfinite(total) else mpmath.mpf("nan")
+        total = mpmath.mpf(0)
+        for i in vary:
+            if args[i] != 0:
+                total += _slope(fn, args, i)
+        return total if mpmath.isfinite(total) else mpmath.mpf("nan")
     except (Undecided, Undefined, ZeroDivisionError):
         return mpmath.mpf("nan")
     finally:
         _MODE.point = False
         iv.dps = saved
+
+
+def _slope(fn, args, i):
+    """|x_i df/dx_i| by forward differences, or nan (see condition). Slopes far below |f| need
+    no digits: max(|f|, condition) is what the check uses."""
+    for dps, *steps in CONDITION_LEVELS:
+        with mp.workdps(dps):
+            moved = [list(args) for _ in steps]
+            for m, step in zip(moved, steps):
+                m[i] = mpmath.mpf(args[i]) * (1 + step)
+        base = _narrow(fn, args, dps, steps[0] * CONDITION_AGREE)
+        slopes = [abs(_narrow(fn, m, dps, step * CONDITION_AGREE) - base) / step
+                  for m, step in zip(moved, steps)]
+        if any(mpmath.isnan(v) for v in slopes):
+            continue
+        small, large = sorted(slopes)
+        if large - small <= CONDITION_AGREE * (large + abs(base)):
+            return slopes[0]
+    return mpmath.mpf("nan")
+
+
+def _narrow(fn, xs, dps, rel):
+    """The midpoint of fn at xs once its interval is narrower than rel times its size, at
+    dps digits or up to 4 times more (a formula that cancels loses digits); else nan."""
+    for digits in (dps, 2 * dps, 4 * dps):
+        iv.dps = digits
+        with mp.workdps(digits):
+            y = fn([iv.mpf(a) for a in xs])
+            lo, hi = _lo(y), _hi(y)
+            mid = (lo + hi) / 2
+            if hi - lo <= rel * abs(mid) or hi == lo:
+                return mid
+    return mpmath.mpf("nan")
 
 
 def _resolve(fn, args, limit, slack, flip) -> Truth:

@@ -600,3 +600,18 @@ def test_kl_label_gradient_at_huge_equal_logits(losses):
     _, (_, gl) = losses.KLDivLoss(from_logits=False).value_and_grad(pred, label, wrt=("pred", "label"))
     want = [(math.log(q) + 1 + math.log(2)) / 2 for q in label[0]]
     np.testing.assert_allclose(gl[0], want, rtol=4 * EPS[np.float64])
+
+
+def test_a_sum_scaled_by_a_row_scalar_that_is_zero_has_a_finite_gradient(tmp_path):
+    # sum(pred * r) with r = max(pred) or mean(pred): d/dr passes c*sum with c = 1/r only if
+    # that divides by nothing the partial did not; at r = 0 it would be 0/0. By hand:
+    # sum(p * max p) at [0, -1]: grad_j = max + [j = argmax] * sum p = [-1, 0];
+    # sum(p * mean p) = (sum p)^2 / C at [1, -1]: grad_j = 2 sum p / C = [0, 0].
+    for name, loss in (("prodmax", "sum(pred * max(pred))"), ("prodmean", "sum(pred * mean(pred))")):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"name: {name}\nsummary: t\nreference: t\ninputs:\n  pred: {{row: true}}\nloss: {loss}\n")
+    mod = losscc.load(build([tmp_path], out=tmp_path / "b", name="scaled", log=lambda *a: None).path)
+    _, g = mod.LOSSES["prodmax"]().value_and_grad(np.array([[0.0, -1.0]]))
+    assert g.tolist() == [[-1.0, 0.0]]
+    _, g = mod.LOSSES["prodmean"]().value_and_grad(np.array([[1.0, -1.0]]))
+    assert g.tolist() == [[0.0, 0.0]]
