@@ -101,6 +101,11 @@ class LossCPrinter(C99CodePrinter):
           -p + eps; p + eps -> (p - 1) + eps, exact for p in [1/2, 2] by Sterbenz). Else
           log(S), S summed as written ((1 - p) + eps, so eps survives at p = 1). log(1 + 1e-12)
           is 1e-12 - 5e-25; log of the rounded sum is off by 9e-17, 1e-4 relative.
+      log-scaled   log(k*u) -> lcc_log_scaled(k, u)       (k a positive number, not 1)
+          k*u past the float range (or below the normal range): log(k) + log(u), which has
+          no cancellation there (|log(k*u)| > 708); else log(k*u). The Stirling term's
+          log(2*pi*t) was inf from t = 2.9e307 (then NaN: t*log(t) - inf... ), the truth
+          is 354.8.
       exp-sub      A*exp(u) + S -> lcc_exp_sub(exp(u), u, A, S)  (S reads an input)
           -S/A within a factor 2 of 1: (A + S)*exp(u) - S*expm1(u), where A + S is exact (by
           Sterbenz) and 0 for a one-hot label (softmax - label at the label: sum(label)*p - 1
@@ -117,6 +122,13 @@ class LossCPrinter(C99CodePrinter):
           (cosh(375)**2 overflows; the true value is 7e-318). The same number of roundings.
           A plain power 1/b**2 keeps 1.0/(b*b): there b*b overflows only where the result
           underflows.
+      deviance-difference  bd0(x, t) -> lcc_bd0(x, t, x - t)   (x - t with x's terms spread)
+          bd0 near x = t is t*d**2/2 for d = (x - t)/t, so it needs x - t to its last digit:
+          x = p + eps gives (p - t) + eps, exact but for one rounding (p - t is exact there,
+          by Sterbenz), where fl(p + eps) - t keeps the rounding of p + eps, 2/d ulps of the
+          result. x = exp(u) gives exp(u) - t (exp's own rounding: its error is d*t ulps of
+          1, inside the conditioning u*(exp(u) - t) of the written formula), and prints as
+          lcc_bd0_exp(x, t, d, u): where exp(u) underflows or overflows, log(x) is u.
     """
 
     HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", LogCosh: "lcc_logcosh",
@@ -159,6 +171,11 @@ class LossCPrinter(C99CodePrinter):
         """a / b as one division, whatever sympy would make of the product around it."""
         a, b = expr.args
         return f"({self.parenthesize(a, PRECEDENCE['Mul'] - 1)}/{self.parenthesize(b, PRECEDENCE['Mul'])})"
+
+    def _print_ScaledProduct(self, expr):
+        """a * b outside a row sum's pass (there the pass forms it scaled, lcc_psum_add)."""
+        a, b = expr.args
+        return f"({self.parenthesize(a, PRECEDENCE['Mul'])}*{self.parenthesize(b, PRECEDENCE['Mul'])})"
 
     def _print_sign(self, expr):
         return self.helper("lcc_sign", *expr.args)
@@ -242,13 +259,17 @@ class LossCPrinter(C99CodePrinter):
         return f"exp({self._print(arg)})"
 
     def _print_log(self, expr):
-        """log-near-1 (the class docstring)."""
+        """log-near-1 and log-scaled (the class docstring)."""
         arg = expr.args[0]
         s = self._seen(arg) if arg.is_Symbol else arg
         if s.is_Add:
             c, rest = s.as_coeff_add()
             if c == 1 or sum(1 for t in rest if self._reads(t)) == 1:
                 return self.helper("lcc_log_near1", arg, sympy.Add(c - 1, *rest))
+        if arg.is_Mul:
+            k = sympy.Mul(*(f for f in arg.args if f.is_number))
+            if k.is_positive and k != 1:
+                return self.helper("lcc_log_scaled", k, arg / k)
         return f"log({self._print(arg)})"
 
     def _sub_ratio(self, expr):
@@ -288,6 +309,15 @@ class LossCPrinter(C99CodePrinter):
         first = self.temp_defs.get(a, a)  # (not a == exp(b): sympy makes exp(log(x)) x)
         name = "lcc_dominant_exp" if isinstance(first, sympy.exp) and first.args[0] == b else "lcc_dominant_sum"
         return self.helper(name, a, c, b)
+
+    def _print_Bd0(self, expr):
+        """deviance-difference (the class docstring)."""
+        x, t = expr.args
+        seen = self._seen(x)
+        d = sympy.Add(*(seen.args if seen.is_Add else (x,)), -t)
+        if isinstance(seen, sympy.exp):
+            return self.helper("lcc_bd0_exp", x, t, d, seen.args[0])
+        return self.helper("lcc_bd0", x, t, d)
 
     def _exp_sub(self, expr):
         """exp-sub (the class docstring): the helper call for A*exp(u) + S, or None. exp(u)
@@ -457,14 +487,27 @@ def row_kernel(spec, variant, mode: str) -> dict:
     passes = []
     for p, pass_steps in enumerate(steps.passes, 1):
         exprs, inits, updates, finals = [], [], [], []
+        names = []
         for st in pass_steps:
             s = st.scalar
             n = s.n
+            scaled = st.role == "sum" and isinstance(s.arg, rows.ScaledProduct)
             if st.role == "lse_tail":
                 exprs.append(sympy.exp(s.arg - s.shift))
+                names.append(f"z{n}")
+            elif scaled:  # the two factors; their product is formed scaled (lcc_psum_add)
+                exprs += list(s.arg.args)
+                names += [f"e{n}a", f"e{n}b"]
             else:
                 exprs.append(s.arg)
+                names.append(f"e{n}")
             e = f"e{n}" if st.role != "lse_tail" else f"z{n}"
+            if scaled:
+                inits.append(f"double pm{n} = 0.0, pnf{n} = 0.0;")
+                inits.append(f"int pe{n} = 0;")
+                updates.append(f"lcc_psum_add(e{n}a, e{n}b, &pm{n}, &pe{n}, &pnf{n});")
+                finals.append(f"const {T} r{n} = lcc_psum(pm{n}, pe{n}, pnf{n});")
+                continue
             if st.role == "sum" or st.role == "lse_tail":
                 inits.append(f"double acc{n} = 0.0;")
             if st.role == "sum":
@@ -486,7 +529,6 @@ def row_kernel(spec, variant, mode: str) -> dict:
             else:  # lse_tail: every class but the argmax, unless the max was not finite
                 updates.append(f"if (!fin{n} || j != jm{n}) acc{n} += (double){e};")
                 finals.append(f"const {T} r{n} = ({T})(fin{n} ? log1p(acc{n}) : log(acc{n}));")
-        names = [f"e{st.scalar.n}" if st.role != "lse_tail" else f"z{st.scalar.n}" for st in pass_steps]
         temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
         body = _print_block(temps, list(zip(names, reduced)))
         passes.append({

@@ -174,7 +174,49 @@ class Exprel(sympy.Function):
         return self.naive()._eval_evalf(prec)
 
 
-STABLE_NODES = (Sigmoid, Softplus, LogCosh, DominantSum, Exprel)
+class Bd0(sympy.Function):
+    """bd0(x, t) = x - t - t*log(x/t) = t*(r - 1 - log r) with r = x/t: the Poisson
+    deviance (Loader's "bd0", the saddle-point term of dbinom/dpois), >= 0 for x, t >= 0 and
+    0 at x = t. stabilize's "deviance" rule makes it of the Poisson NLL plus the Stirling term:
+    p - t*log(p + eps) + t*log(t) - t = bd0(p + eps, t) - eps and exp(u) - t*u + t*log(t) - t
+    = bd0(exp(u), t). Written out, those are sums of terms of size t*log(t) that cancel to
+    t*(x - t)**2/(2*t**2) near x = t (and t*log(t) overflows at t = 1.8e308).
+
+    Printed as lcc_bd0(x, t, x - t) with x - t summed from x's own terms (codegen.py,
+    deviance-difference): near x = t the value needs x - t to its last digit, which
+    fl(p + eps) - t has lost. The helper sums a series in v = (x - t)/(x + t) there.
+
+    d/dx = 1 - t/x (the written gradient 1 - t/(p + eps); for x = exp(u) it is (x - t)/x, so
+    the chain rule's factor exp(u) cancels to exp(u) - t, the written one too), d/dt =
+    -log(x/t). 0 at x = t; for t = 0 the written t*log(t) is NaN, so no value is assumed.
+    """
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, x, t):
+        if x == t:
+            return S.Zero
+        return None
+
+    def fdiff(self, argindex=1):
+        x, t = self.args
+        if argindex == 1:
+            return (x - t) / x if isinstance(x, sympy.exp) else 1 - t / x
+        return -sympy.log(x / t)
+
+    def _eval_is_real(self):
+        return fuzzy_and(a.is_nonnegative for a in self.args) or None
+
+    def naive(self):
+        x, t = self.args
+        return x - t - t * sympy.log(x / t)
+
+    def _eval_evalf(self, prec):
+        return self.naive()._eval_evalf(prec)
+
+
+STABLE_NODES = (Sigmoid, Softplus, LogCosh, DominantSum, Exprel, Bd0)
 
 
 def naive(expr):

@@ -11,8 +11,12 @@ Row rules, as `before -> after` (u, v, e, a, c elementwise expressions, k any fa
     log-of-product        log(exp(a) * b) -> a + log(b)   (every factor positive)
     log-sum-exp           log(sum(exp(e))) -> logsumexp(e)
     difference-of-squares k*sum(u**2) - k*sum(v**2) -> k*sum((u - v)*(u + v))
+                          (the product summed with a power-of-two scale: ScaledProduct)
     norm                  sqrt(sum(e**2)) -> norm(e)   (scaled: no overflow)
     normalized-sum        sum(a*c) / norm(a) -> sum((a / norm(a)) * c)
+    cosine-distance       k - k*sum(ahat*bhat) -> k*sum((ahat - bhat)**2)/2
+                          (ahat = a / norm(a), bhat = b / norm(b); also inside a where:
+                          k - k*where(c, cos, e) -> where(c, k - k*cos, k - k*e))
   joining the "precision" phase (ROW_PRECISION_RULES), on the lowered value and gradients:
     expm1-power-ratio     (-expm1(t))**a * t -> -(-expm1(t))**(a + 1) / exprel(t)
 
@@ -110,6 +114,25 @@ class RowNorm(RowReduction):
         return sympy.sqrt(RowSum(self.args[0]**2))
 
 
+class ScaledProduct(sympy.Function):
+    """a * b, the summand of a row sum that accumulates with a power-of-two scale
+    (lcc_psum_add in prelude.h.j2): each product is held as its mantissa and exponent, so
+    a term past the float range neither overflows on its own nor meets another infinity of
+    the other sign (inf - inf = NaN) when the sum is a number or one infinity. Outside a
+    row sum's pass (a gradient, sympy's derivative of it) it is the plain product."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        return self.args[1] if argindex == 1 else self.args[0]
+
+    def _eval_is_real(self):
+        return self.args[0].is_real and self.args[1].is_real
+
+    def naive(self):
+        return self.args[0] * self.args[1]
+
+
 class Quotient(sympy.Function):
     """a / b, divided as written. sympy merges a quotient's denominators into one product
     (x2 / r0 / r1 becomes x2 / (r0 * r1)), which overflows where r0 and r1 are two large
@@ -202,7 +225,11 @@ def _difference_of_squares(node):
     triplet loss) overflow long before their difference does (u = 3e209 squares to inf, and
     inf - inf is NaN), and the subtraction of two large sums loses every digit of a small
     difference; per element, u - v and u + v are each one rounding. Both sums run over the
-    same row (a row loss has one class axis), so this is an identity."""
+    same row (a row loss has one class axis), so this is an identity. The product is a
+    ScaledProduct: the sum accumulates mantissas under one power-of-two exponent, because
+    (u - v)*(u + v) still overflows per element (2.2e160 * 3.7e185) and two such terms of
+    opposite signs made inf - inf = NaN where the true sum is +inf (a triplet from
+    `losscc check`)."""
     if not node.is_Add:
         return None
     terms = list(node.args)
@@ -213,7 +240,53 @@ def _difference_of_squares(node):
         for j, (k2, v) in squares:
             if j != i and k2 == -k and u != v:
                 rest = [t for n, t in enumerate(terms) if n not in (i, j)]
-                return sympy.Add(*rest, k * RowSum((u - v) * (u + v)))
+                return sympy.Add(*rest, k * RowSum(ScaledProduct(u - v, u + v)))
+    return None
+
+
+def _unit_dot(f):
+    """(a / norm(a), b / norm(b)) if `f` is sum((a / norm(a)) * (b / norm(b))), else None."""
+    if not isinstance(f, RowSum):
+        return None
+    factors = sympy.Mul.make_args(f.args[0])
+    if len(factors) == 2 and all(isinstance(q, Quotient) and isinstance(q.args[1], RowNorm)
+                                 and q.args[1].args[0] == q.args[0] for q in factors):
+        return factors
+    return None
+
+
+def _cosine_distance(node):
+    """k - k*sum(ahat*bhat) -> k*sum((ahat - bhat)**2)/2, ahat = a / norm(a), bhat = b / norm(b)
+    (what normalized-sum makes of a cosine): 1 - cos cancels where the vectors are nearly
+    parallel, and keeps only the roundings of cos, each an ulp of 1 (8.9 ulps of 1 - cos =
+    0.053 at a point from `losscc check`; all of them at an angle of 1e-8). |ahat - bhat|**2
+    = |ahat|**2 + |bhat|**2 - 2 cos = 2 (1 - cos) where both norms are nonzero; where one is
+    0 both forms are NaN (0/0), and Gluon's cos takes its epsilon branch there, which this
+    rule leaves as it is. A `where` around the cosine is entered:
+    k - k*where(c, cos, e) -> where(c, k - k*cos, k - k*e), then the rule on its branch.
+    Its gradient by the chain rule is ((ahat - bhat) - ahat*sum((ahat - bhat)*ahat))/|a|: an
+    error of |ahat| or |bhat| from 1 (their roundings) moves the difference radially, which
+    changes |ahat - bhat|**2 by the error times 1 - cos, not by the error."""
+    if not node.is_Add:
+        return None
+    terms = list(node.args)
+    for i, t in enumerate(terms):
+        factors = sympy.Mul.make_args(t)
+        for n, f in enumerate(factors):
+            m = sympy.Mul(*factors[:n], *factors[n + 1:])  # t = m*f
+            if -m not in terms[:i] + terms[i + 1:] or m.has(RowSum):
+                continue
+            rest = list(terms)
+            rest.pop(i)
+            rest.remove(-m)
+            unit = _unit_dot(f)
+            if unit is not None:
+                qa, qb = unit
+                return sympy.Add(*rest, -m * RowSum((qa - qb)**2) / 2)
+            if isinstance(f, sympy.Piecewise) and any(_unit_dot(e) is not None for e, _ in f.args):
+                folded = sympy.Piecewise(*((_cosine_distance(-m + m * e) or (-m + m * e), c)
+                                           for e, c in f.args))
+                return sympy.Add(*rest, folded)
     return None
 
 
@@ -252,6 +325,8 @@ ROW_RULES = (
                _difference_of_squares),
     local_rule("norm", "sqrt(sum(e**2))", "norm(e)   (scaled: no overflow)", _norm),
     local_rule("normalized-sum", "sum(a*c) / norm(a)", "sum((a / norm(a)) * c)", _normalized_sum),
+    local_rule("cosine-distance", "k - k*sum(ahat*bhat)", "k*sum((ahat - bhat)**2)/2   "
+               "(ahat = a / norm(a), bhat = b / norm(b))", _cosine_distance),
 )
 # Rules for the "precision" phase (run on the row loss's value and gradients after lowering).
 ROW_PRECISION_RULES = (

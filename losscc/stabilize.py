@@ -10,6 +10,15 @@ does not matter, and a match anywhere inside the expression is rewritten):
     log-sigmoid      log(sigmoid(u)) -> -softplus(-u)
     log-1m-sigmoid   log(1 - sigmoid(u)) -> -softplus(u)
     logcosh          log(cosh(u)) -> logcosh(u)
+    deviance         x - b*log(x + k) + b*log(b) - b -> bd0(x + k, b) - k
+                                                               (and exp(u) - b*u + b*log(b) - b
+                                                                -> bd0(exp(u), b); k free of
+                                                                x's symbols, 0 too: Poisson NLL
+                                                                plus Stirling's t*log(t) - t)
+    into-branch      x + where(c, y, z) -> where(c, x + y, x + z)
+                                                               (only where a branch then
+                                                                matches deviance, rewritten at
+                                                                once: where(t > 1, Stirling, 0))
     dominant-sum     exp(u) + c*u -> dominant_sum(exp(u), c, u)
                                                                (and u + c*log(u + k) ->
                                                                 dominant_sum(u, c, log(u + k));
@@ -46,7 +55,7 @@ from dataclasses import dataclass
 import sympy
 from sympy.codegen.cfunctions import expm1, log1p
 
-from .functions import DominantSum, LogCosh, Sigmoid, Softplus
+from .functions import Bd0, DominantSum, LogCosh, Sigmoid, Softplus
 
 MAX_ROUNDS = 20  # a phase that still changes the expression after this many rounds is a bug
 
@@ -256,6 +265,69 @@ def _dominant_sum(node):
     return None
 
 
+def _b_log_b(term):
+    """b if `term` is b*log(b) for a non-constant b, else None."""
+    for f in sympy.Mul.make_args(term):
+        if isinstance(f, sympy.log) and not f.args[0].is_number and term == f.args[0] * f:
+            return f.args[0]
+    return None
+
+
+def _deviance(node):
+    """x - b*log(x + k) + b*log(b) - b -> bd0(x + k, b) - k (k free of x's symbols, 0 too),
+    and exp(u) - b*u + b*log(b) - b -> bd0(exp(u), b): the Poisson NLL plus the t*log(t) - t
+    of the Stirling term, on rates and on log-rates. Written out it is a sum of terms of
+    size b*log(b) that cancel to b*d**2/2 near x + k = b (d the relative difference), and
+    b*log(b) overflows at b = 1.8e308 (inf - inf); bd0 (functions.py) is a series there and
+    never forms b*log(b). The node is not an Add, so the rule cannot fire on its output."""
+    if not node.is_Add:
+        return None
+    terms = list(node.args)
+    for i, blb in enumerate(terms):
+        b = _b_log_b(blb)
+        if b is None or -b not in terms:
+            continue
+        j = terms.index(-b)
+        for n, lt in enumerate(terms):
+            if n in (i, j):
+                continue
+            q = -lt / b  # log(x + k), or u for x = exp(u)
+            for m, a in enumerate(terms):
+                if m in (i, j, n) or not a.free_symbols:
+                    continue
+                if isinstance(q, sympy.log) and not (q.args[0] - a).free_symbols & a.free_symbols:
+                    x, k = q.args[0], q.args[0] - a
+                elif isinstance(a, sympy.exp) and a.args[0] == q:
+                    x, k = a, sympy.S.Zero
+                else:
+                    continue
+                others = [t for r, t in enumerate(terms) if r not in (i, j, n, m)]
+                return sympy.Add(*others, Bd0(x, b), -k)
+    return None
+
+
+def _into_branch(node):
+    """x + where(c, y, z) -> where(c, x + y, x + z), only where a branch then matches the
+    deviance rule (which it is rewritten by at once): the Stirling term t*log(t) - t sits in
+    where(t > 1, ..., 0), apart from the Poisson terms it cancels against."""
+    if not node.is_Add:
+        return None
+    terms = list(node.args)
+    for i, pw in enumerate(terms):
+        if not isinstance(pw, sympy.Piecewise):
+            continue
+        rest = sympy.Add(*terms[:i], *terms[i + 1:])
+        pieces, hit = [], False
+        for value, cond in pw.args:
+            whole = rest + value
+            new = _deviance(whole)
+            hit = hit or new is not None
+            pieces.append((whole if new is None else new, cond))
+        if hit:
+            return sympy.Piecewise(*pieces)
+    return None
+
+
 def _power_quotient(node):
     """x**g / x -> x**(g - 1) (and x**g / (-x) -> -x**(g - 1)) for a non-integer power g:
     sympy's derivative of x**g is g*x**g/x, which is 0/0 = NaN at x = 0 where the true
@@ -311,6 +383,8 @@ PHASES = (
         local_rule("log-sigmoid", "log(sigmoid(u))", "-softplus(-u)", _log_sigmoid),
         local_rule("log-1m-sigmoid", "log(1 - sigmoid(u))", "-softplus(u)", _log_one_minus_sigmoid),
         local_rule("logcosh", "log(cosh(u))", "logcosh(u)", _logcosh),
+        local_rule("deviance", "x - b*log(x + k) + b*log(b) - b", "bd0(x + k, b) - k", _deviance),
+        local_rule("into-branch", "x + where(c, y, z)", "where(c, x + y, x + z)", _into_branch),
         local_rule("dominant-sum", "exp(u) + c*u", "dominant_sum(exp(u), c, u)", _dominant_sum),
     )),
     Phase("precision", (

@@ -10,7 +10,7 @@ import sympy
 from losscc.codegen import LossCPrinter, generate, kernel_body, shared_cse
 from losscc.derive import derive, tidy
 from losscc.errors import BuildError
-from losscc.functions import Sigmoid, Softplus, naive
+from losscc.functions import Bd0, Sigmoid, Softplus, naive
 from losscc.ir import SymbolicLoss, SymbolicVariant
 from losscc.spec import load_spec
 
@@ -172,6 +172,12 @@ LOWERED = [
     (1 - y / (x + eps),
      "lcc_sub_ratio(1, x_label/(x_pred + p_epsilon), (-x_label) + x_pred + p_epsilon, x_pred + p_epsilon)"),
     (2 + y / x, "lcc_sub_ratio(2, -x_label/x_pred, x_label + 2*x_pred, x_pred)"),
+    # log-scaled: log(k*u) for a number k (the Stirling term's log(2*pi*t))
+    (sympy.log(2 * x), "lcc_log_scaled(2, x_pred)"),
+    (sympy.log(2 * sympy.pi * y) / 2, "(0.5)*lcc_log_scaled(6.283185307179586, x_label)"),
+    # deviance-difference: x - t from x's own terms, (p - t) + eps; log(x) = u for x = exp(u)
+    (Bd0(x + eps, y), "lcc_bd0(x_pred + p_epsilon, x_label, (-x_label) + x_pred + p_epsilon)"),
+    (Bd0(sympy.exp(x), y), "lcc_bd0_exp(exp(x_pred), x_label, lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label), x_pred)"),
     # exp-sub: A*exp(u) + S with S reading an input
     (sympy.exp(x) - y, "lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label)"),
     # quotient-chain
@@ -183,7 +189,7 @@ LOWERED = [
 PLAIN = [
     (sympy.log(x), "log(x_pred)"),
     (sympy.log(x + y), "log(x_label + x_pred)"),       # no literal 1, two terms that read inputs
-    (sympy.log(2 * x), "log(2*x_pred)"),
+    (sympy.log(x * y), "log(x_label*x_pred)"),        # no number factor (log-scaled)
     (1 - y / x + x, "1 - x_label/x_pred + x_pred"),     # more than k - a/b
     (y / x, "x_label/x_pred"),                          # one division: nothing to chain
     (sympy.exp(x) + sympy.exp(y) - y, "(-x_label) + exp(x_label) + exp(x_pred)"),  # two exps
@@ -239,6 +245,28 @@ LOWERED_VALUES = [
     # exp(p) - 1 cancels, 18 ulps
     ("PoissonNLLLoss", {"compute_full": True}, 0.023809195421048795, 1.0, np.float64, "grad",
      lambda p, t: mpmath.exp(p) - t),
+    # deviance-difference (bd0), f64: p - t log(p + 1e-8) + t log t - t + log(2 pi t)/2 =
+    # 2.6167952707652363 (mpmath); plain (HEAD 18dad62): 29 ulps, the terms ~100 cancel
+    ("PoissonNLLLoss", {"from_logits": False, "compute_full": True}, 30.0, 29.793427339525856,
+     np.float64, "value", lambda p, t: p - t * mpmath.log(p + mpmath.mpf(1e-8)) + t * mpmath.log(t) - t
+     + mpmath.log(2 * mpmath.pi * t) / 2),
+    # bd0, f32 at p = t = FLT_MAX, eps = 4.063361033887957e-06 (the check's point): 45.28035399587782
+    # (mpmath); plain: 0.0, terms ~3e40 cancel
+    ("PoissonNLLLoss", {"from_logits": False, "compute_full": True, "epsilon": 4.063361033887957e-06},
+     3.4028234663852886e+38, 3.4028234663852886e+38, np.float32, "value",
+     lambda p, t: p - t * mpmath.log(p + mpmath.mpf(4.063361033887957e-06)) + t * mpmath.log(t) - t
+     + mpmath.log(2 * mpmath.pi * t) / 2),
+    # bd0 and log-scaled, f64 at p = DBL_MAX, t = 1.7976931344082499e308: 5.7344545533243404e288
+    # (mpmath); plain: NaN (t*log(t) and 2*pi*t overflow: inf - inf)
+    ("PoissonNLLLoss", {"from_logits": False, "compute_full": True}, 1.7976931348623157e+308,
+     1.7976931344082499e+308, np.float64, "value",
+     lambda p, t: p - t * mpmath.log(p + mpmath.mpf(1e-8)) + t * mpmath.log(t) - t
+     + mpmath.log(2 * mpmath.pi * t) / 2),
+    # bd0_exp, f64: log-rates at u = -6.8e74 (exp(u) = 0), t = 7077.7: -t*u + t log t - t + ... =
+    # 4.8124041944791674e78 (mpmath); bd0 of the rounded exp(u) = 0 would be inf
+    ("PoissonNLLLoss", {"compute_full": True}, -6.799372843787834e+74, 7077.717761684393,
+     np.float64, "value", lambda p, t: mpmath.exp(p) - t * p + t * mpmath.log(t) - t
+     + mpmath.log(2 * mpmath.pi * t) / 2),
     # quotient-chain, f64: t/(p + 1e-8)**2 = 3.19e-245; plain: 0
     ("PoissonNLLLoss", {"from_logits": False}, 3.13496512017867e+244, 3.135266070944311e+244,
      np.float64, "hess", lambda p, t: t / (p + mpmath.mpf(1e-8))**2),

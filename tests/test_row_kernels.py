@@ -421,16 +421,17 @@ def _one_class(expr):
 
 
 def test_rule_difference_of_squares_fires_and_is_exact():
-    from losscc.rows import RowSum
+    from losscc.rows import RowSum, ScaledProduct
 
     before = RowSum((U - A)**2) - RowSum((V - A)**2) + sympy.Symbol("p_margin")
     out, fired = _stabilized(before)
     assert [f[0] for f in fired] == ["difference-of-squares"]
-    assert out == RowSum((U - V) * (U + V - 2 * A)) + sympy.Symbol("p_margin")
-    assert sympy.expand(_one_class(out) - _one_class(before)) == 0
+    assert out == RowSum(ScaledProduct(U - V, U + V - 2 * A)) + sympy.Symbol("p_margin")
+    back = _one_class(out).replace(lambda e: isinstance(e, ScaledProduct), lambda e: e.naive())
+    assert sympy.expand(back - _one_class(before)) == 0
     # a common factor k comes along: 3*sum(u**2) - 3*sum(v**2)
     out, _ = _stabilized(3 * RowSum(U**2) - 3 * RowSum(V**2))
-    assert out == 3 * RowSum((U - V) * (U + V))
+    assert out == 3 * RowSum(ScaledProduct(U - V, U + V))
 
 
 @pytest.mark.parametrize("expr", [
@@ -463,6 +464,27 @@ def test_triplet_at_huge_anchors_is_finite(losses):
     np.testing.assert_allclose(gp, [[0, 0], [-2e100, 0]], rtol=4 * EPS[np.float64])
     np.testing.assert_allclose(gpos, [[0, 0], [6e200, 0]], rtol=4 * EPS[np.float64])
     np.testing.assert_allclose(gneg, [[0, 0], [-6e200, 0]], rtol=4 * EPS[np.float64])
+
+
+def test_triplet_products_past_the_float_range_sum_to_their_infinity(losses):
+    """Row 1, from `losscc check`: per element (pos - neg)*(pos + neg - 2 pred) is
+    2.2e160 * 3.7e185 = +inf at class 0 and 2.2e160 * -2.2e160 = -inf at class 1, so the plain
+    sum was inf - inf = NaN, and relu'(NaN) made every gradient NaN. The true value is +inf
+    (the +8.2e345 term dominates); gradients by hand, relu' = 1: d/dpred = 2(neg - pos),
+    d/dpos = 2(pos - pred), d/dneg = -2(neg - pred), each one rounding. Row 2, by hand:
+    pos**2 - neg**2 per class is +1e400, -1e400 and 9 - 4 (pred = 0), so the loss is
+    exactly 5 + margin 1 = 6 (the two overflowing products cancel exactly in the scaled sum;
+    the plain one is NaN)."""
+    pred = np.array([[-1.8403264748388964e+185, -3.569433752173249e-278, -0.3387684153428755],
+                     [0.0, 0.0, 0.0]])
+    pos = np.array([[-0.03847952508252361] * 3, [1e200, 0.0, 3.0]])
+    neg = np.array([[-2.2337815874403995e+160] * 3, [0.0, 1e200, 2.0]])
+    v, (gp, gpos, gneg) = losses.TripletLoss(margin=1.0).value_and_grad(pred, pos, neg)
+    assert v[0] == np.inf and v[1] == 6.0
+    np.testing.assert_array_equal(gp, 2 * (neg - pos))
+    np.testing.assert_array_equal(gpos, 2 * (pos - pred))
+    np.testing.assert_array_equal(gneg, -2 * (neg - pred))
+    assert gp[0, 0] == -4.467563174880799e+160  # the check's true d/dpred[0] (mpmath)
 
 
 X1 = sympy.Symbol("x_input1", real=True)
@@ -615,3 +637,64 @@ def test_a_sum_scaled_by_a_row_scalar_that_is_zero_has_a_finite_gradient(tmp_pat
     assert g.tolist() == [[-1.0, 0.0]]
     _, g = mod.LOSSES["prodmean"]().value_and_grad(np.array([[1.0, -1.0]]))
     assert g.tolist() == [[0.0, 0.0]]
+
+
+def test_rule_cosine_distance_fires_and_is_exact():
+    """1 - sum(ahat*bhat) -> sum((ahat - bhat)**2)/2, also through a where (Gluon's epsilon
+    branch is left as written); an identity where both norms are nonzero: on one class
+    (ahat, bhat = +-1) (s - t)**2/2 = 1 - s*t for every pair of signs."""
+    from losscc.rows import Quotient, RowNorm, RowSum
+
+    qa, qb = Quotient(X1, RowNorm(X1)), Quotient(X2, RowNorm(X2))
+    cos = RowSum(qa * qb)
+    out, fired = _stabilized(1 - cos)
+    assert out == RowSum((qa - qb)**2) / 2 and [f[0] for f in fired] == ["cosine-distance"]
+    for s in (-1, 1):
+        for t in (-1, 1):
+            assert sympy.Rational((s - t)**2, 2) == 1 - s * t
+    eps, k = sympy.Symbol("p_epsilon", positive=True), sympy.Symbol("p_k", real=True)
+    c = eps < RowNorm(X1) * RowNorm(X2)
+    other = RowSum(X1 * X2) / eps
+    out, _ = _stabilized(k - k * sympy.Piecewise((cos, c), (other, True)))
+    assert out == sympy.Piecewise((k * RowSum((qa - qb)**2) / 2, c), (k - k * other, True))
+
+
+@pytest.mark.parametrize("text", [
+    "1 - 2*RowSum(QA*QB)",            # k - 2k*cos
+    "2 - RowSum(QA*QB)",              # k - cos, k != 1
+    "1 + RowSum(QA*QB)",              # 1 + cos
+    "1 - RowSum(QA*X2)",              # not a unit vector
+    "1 - RowSum(QA*QA*QB)",           # three factors
+    "1 - RowSum(Quotient(X1, RowNorm(X2))*QB)",  # divided by another vector's norm
+])
+def test_rule_cosine_distance_near_misses(text):
+    from losscc.rows import Quotient, RowNorm, RowSum
+
+    names = {"RowSum": RowSum, "RowNorm": RowNorm, "Quotient": Quotient, "X1": X1, "X2": X2,
+             "QA": Quotient(X1, RowNorm(X1)), "QB": Quotient(X2, RowNorm(X2))}
+    _, fired = _stabilized(eval(text, names))  # noqa: S307 - test literals
+    assert "cosine-distance" not in [f[0] for f in fired]
+
+
+def test_cosine_distance_keeps_the_digits_of_nearly_parallel_vectors(losses):
+    """Row 1, from `losscc check`: 1 - cos = 0.053478306844072571 (mpmath, below) came out
+    8.9 ulps off as 1 - cos; now within 4. Rows 2-3: b = a + 1e-6 d and a + 1e-9 d (fixed
+    draws): 1 - cos is 1e-13 and 1e-19, which the plain 1 - cos rounds to noise of an ulp
+    of 1 (1e-16); |ahat - bhat|**2/2 errs only by the angle t times an ulp (the formula's
+    conditioning, the spec's declared bound): relative error within 4 ulps of t / (1 - cos)."""
+    import mpmath
+
+    a = [[-0.739562542041901, -0.16666500175572072, 1876.1963458218324],
+         [0.3, -1.2, 0.7], [0.3, -1.2, 0.7]]
+    b = [[57.23506331780583, -128.27673257849048, 412.1900993547799],
+         [0.3 + 1e-6, -1.2 - 2e-6, 0.7 + 0.5e-6], [0.3 + 1e-9, -1.2 - 2e-9, 0.7 + 0.5e-9]]
+    v, _ = losses.CosineEmbeddingLoss().value_and_grad(np.array(a), np.array(b), np.ones(3))
+    with mpmath.workdps(60):
+        for i in range(3):
+            va, vb = [mpmath.mpf(t) for t in a[i]], [mpmath.mpf(t) for t in b[i]]
+            na, nb = mpmath.sqrt(sum(t * t for t in va)), mpmath.sqrt(sum(t * t for t in vb))
+            want = 1 - sum(s * t for s, t in zip(va, vb)) / (na * nb)
+            angle = mpmath.sqrt(2 * want)
+            tol = 4 * EPS[np.float64] * (1 if i == 0 else float(angle / want))
+            assert abs(v[i] / want - 1) <= tol, (i, v[i], want)
+        assert abs(v[0] - mpmath.mpf("0.053478306844072571")) <= 4 * np.spacing(0.0534)  # the check's truth
