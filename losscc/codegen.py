@@ -110,6 +110,10 @@ class LossCPrinter(C99CodePrinter):
           -S/A within a factor 2 of 1: (A + S)*exp(u) - S*expm1(u), where A + S is exact (by
           Sterbenz) and 0 for a one-hot label (softmax - label at the label: sum(label)*p - 1
           = expm1(log p)); else A*exp(u) + S. The Poisson gradient exp(p) - t at t = 1 too.
+      leave-one-out  inside exp-sub: A + S with k*r - k*e_j (r = sum(e), e_j its term at
+          class j) -> k*lo, lo = (j == jb ? ex : r - e_j), where the sum's pass also keeps
+          ex, the sum without its largest term, at jb (lcc_exp_sub_loo). sum(w) - w_j at the
+          dominant w_j rounds the others away: w = [7e-233, 8.8e-41] gave 0, truth 9.1e-234.
       sub-ratio    k - a/b -> lcc_sub_ratio(k, a/b, k*b - a, b)
           a/b within a factor 2 of k: (k*b - a)/b, with k*b's terms spread and summed with
           a's before the rest (1 - t/(p + eps) -> ((p - t) + eps)/(p + eps): p - t is exact
@@ -134,11 +138,18 @@ class LossCPrinter(C99CodePrinter):
     HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", LogCosh: "lcc_logcosh",
                Exprel: "lcc_exprel"}  # DominantSum: _print_DominantSum
 
-    def __init__(self, input_temps=frozenset(), temp_defs=None, data_temps=frozenset()):
+    def __init__(self, input_temps=frozenset(), temp_defs=None, data_temps=frozenset(),
+                 row_sums=None, local_temps=frozenset()):
         super().__init__({"type_aliases": {real: float64}, "strict": True, "math_macros": {}})
         self.input_temps = input_temps  # names of cse temporaries that depend on an input
         self.temp_defs = dict(temp_defs or {})  # cse temporary (Symbol) -> its expression
         self.data_temps = data_temps  # names of cse temporaries that are data terms (is_data_term)
+        # leave-one-out: row sum symbol r<n> -> (n, its summand); the sums whose
+        # leave-one-out form was printed are added to loo_used (their pass tracks it)
+        self.row_sums = dict(row_sums or {})
+        self.local_temps = local_temps  # temporaries of this block (per class), not row ones
+        self.loo_used = set()
+        self._loo = {}  # lo<n> symbol -> (n, r<n>, summand)
 
     def _seen(self, expr):
         """`expr` with the cse temporaries it uses replaced by their definitions (one level):
@@ -335,7 +346,43 @@ class LossCPrinter(C99CodePrinter):
         rest = sympy.Add(*expr.args[:n], *expr.args[n + 1:])
         if self._seen(coeff).has(sympy.exp) or not self._reads(rest):
             return None
+        exact = self._leave_one_out(coeff + rest)
+        if exact is not None:
+            return self.helper("lcc_exp_sub_loo", e, u, coeff, rest, exact)
         return self.helper("lcc_exp_sub", e, u, coeff, rest)
+
+    def _leave_one_out(self, expr):
+        """leave-one-out (the class docstring): `expr` (A + S of exp-sub) with each row sum
+        r<n> whose summand at class j cancels against it written as lo<n>, the sum of the
+        other classes' terms; None where no summand cancels."""
+        if not self.row_sums:
+            return None
+        local = {t: d for t, d in self.temp_defs.items() if t.name in self.local_temps}
+        seen = expr
+        for _ in range(len(local) + 1):
+            nxt = seen.xreplace(local)
+            if nxt == seen:
+                break
+            seen = nxt
+        found = False
+        for r, (n, arg) in self.row_sums.items():
+            if not seen.has(r):
+                continue
+            lo = sympy.Symbol(f"lo{n}", real=True)
+            before = _expand_signed(seen)
+            after = _expand_signed(seen.xreplace({r: lo + arg}))
+            if len(sympy.Add.make_args(after)) < len(sympy.Add.make_args(before)) and not after.has(r):
+                self._loo[lo] = (n, r, arg)
+                seen, found = after, True
+        return seen if found else None
+
+    def _print_Symbol(self, expr):
+        hit = self._loo.get(expr)
+        if hit is None:
+            return super()._print_Symbol(expr)
+        n, r, arg = hit
+        self.loo_used.add(n)
+        return f"(j == jb{n} ? ex{n} : {self.parenthesize(r - arg, PRECEDENCE['Add'])})"
 
     def _print_Add(self, expr, order=None):
         lowered = self._sub_ratio(expr)
@@ -484,6 +531,27 @@ def row_kernel(spec, variant, mode: str) -> dict:
     def gathers(scalars):
         return [{"name": g.sym.name, "source": g.source, "index": g.index.name} for g in scalars]
 
+    # The max shifts stay out of every temporary: the printer must see m - x[label] + r
+    # whole to subtract the two large terms first (a temporary m + r would round r away).
+    shifts = [s.shift for s in prog.scalars if s.shift is not None]
+    temps, reduced = sympy.cse(outputs, symbols=sympy.numbered_symbols("u"), optimizations="basic",
+                               ignore=shifts)
+    per_class = set(elements) | {rows.J}
+    row_temps, class_temps = [], []
+    for t, e in temps:  # a temporary that reads an element (or j) is computed per class
+        if e.free_symbols & per_class:
+            per_class.add(t)
+            class_temps.append((t, e))
+        else:
+            row_temps.append((t, e))
+    # leave-one-out: the plain sums (printed first: their passes track the sums the
+    # gradient's lines read without their largest term)
+    row_sums = {st.scalar.sym: (st.scalar.n, st.scalar.arg) for pass_steps in steps.passes
+                for st in pass_steps if st.role == "sum" and not isinstance(st.scalar.arg, rows.ScaledProduct)}
+    loo_used = set()
+    if grad:
+        grad_lines = _print_block(class_temps, list(zip(diffs, reduced[1:])), known=row_temps,
+                                  row_sums=row_sums, loo_used=loo_used)
     passes = []
     for p, pass_steps in enumerate(steps.passes, 1):
         exprs, inits, updates, finals = [], [], [], []
@@ -513,6 +581,11 @@ def row_kernel(spec, variant, mode: str) -> dict:
             if st.role == "sum":
                 updates.append(f"acc{n} += (double){e};")
                 finals.append(f"const {T} r{n} = ({T})acc{n};")
+                if n in loo_used:  # the sum without its largest term, and where that is
+                    inits.append(f"double ex{n} = 0.0, big{n} = 0.0;")
+                    inits.append(f"int64_t jb{n} = -1;")
+                    updates.append(f"if (fabs({e}) > fabs(big{n})) {{ ex{n} += big{n}; big{n} = {e}; jb{n} = j; }} "
+                                   f"else {{ ex{n} += {e}; }}")
             elif st.role == "norm":  # a scaled sum of squares (lcc_ssq_add in prelude.h.j2)
                 inits.append(f"double sc{n} = 0.0, ssq{n} = 0.0, nf{n} = 0.0;")
                 updates.append(f"lcc_ssq_add({e}, &sc{n}, &ssq{n}, &nf{n});")
@@ -529,26 +602,13 @@ def row_kernel(spec, variant, mode: str) -> dict:
             else:  # lse_tail: every class but the argmax, unless the max was not finite
                 updates.append(f"if (!fin{n} || j != jm{n}) acc{n} += (double){e};")
                 finals.append(f"const {T} r{n} = ({T})(fin{n} ? log1p(acc{n}) : log(acc{n}));")
-        temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
-        body = _print_block(temps, list(zip(names, reduced)))
+        ptemps, preduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
+        body = _print_block(ptemps, list(zip(names, preduced)))
         passes.append({
             "inits": inits, "updates": updates, "finals": finals,
             "reads": _reads(exprs, elements), "temps": body,
             "gathers": gathers(steps.after[p - 1]),
         })
-    # The max shifts stay out of every temporary: the printer must see m - x[label] + r
-    # whole to subtract the two large terms first (a temporary m + r would round r away).
-    shifts = [s.shift for s in prog.scalars if s.shift is not None]
-    temps, reduced = sympy.cse(outputs, symbols=sympy.numbered_symbols("u"), optimizations="basic",
-                               ignore=shifts)
-    per_class = set(elements) | {rows.J}
-    row_temps, class_temps = [], []
-    for t, e in temps:  # a temporary that reads an element (or j) is computed per class
-        if e.free_symbols & per_class:
-            per_class.add(t)
-            class_temps.append((t, e))
-        else:
-            row_temps.append((t, e))
     row_lines = _print_block(row_temps, [("val", reduced[0])])
     k = {
         "grad": grad,
@@ -558,10 +618,11 @@ def row_kernel(spec, variant, mode: str) -> dict:
         "row_temps": row_lines[:-1], "val": row_lines[-1][1],
     }
     if grad:
-        lines = _print_block(class_temps, list(zip(diffs, reduced[1:])), known=row_temps)
+        lines = grad_lines
         k["grad_temps"] = lines[:len(lines) - len(diffs)]
         k["grads"] = lines[len(lines) - len(diffs):]
-        k["grad_reads"] = _reads([e for _, e in class_temps] + reduced[1:], elements)
+        k["grad_reads"] = _reads([e for _, e in class_temps] + reduced[1:]
+                                 + [row_sums[r][1] for r in row_sums if row_sums[r][0] in loo_used], elements)
     return k
 
 
@@ -571,14 +632,33 @@ def _reads(exprs, elements) -> list:
     return [name for x, name in elements.items() if x in used]
 
 
-def _print_block(temps, outputs, known=()) -> list:
-    """(name, C expression) lines for cse temporaries and named outputs."""
+def _expand_signed(expr):
+    """expand(expr) with where(c, a, b) and where(c, -a, -b) seen as one value and its
+    negative, so that k*where(c, 0, w*y) - k*where(c, 0, -w*y)... cancel."""
+    names, back = {}, {}
+    for pw in sorted(expr.atoms(sympy.Piecewise), key=sympy.default_sort_key):
+        neg = sympy.Piecewise(*((-e, c) for e, c in pw.args))
+        if pw in names or neg in names:
+            continue
+        s = sympy.Dummy("pw")
+        names[pw], names[neg] = s, -s
+        back[s] = pw
+    out = sympy.expand(expr.xreplace(names)) if names else sympy.expand(expr)
+    return out.xreplace(back) if back else out
+
+
+def _print_block(temps, outputs, known=(), row_sums=None, loo_used=None) -> list:
+    """(name, C expression) lines for cse temporaries and named outputs. With row_sums (the
+    gradient pass), the sums whose leave-one-out form was printed are added to loo_used."""
     input_temps = set()
     for t, e in [*known, *temps]:
         if reads_input(e, input_temps):
             input_temps.add(t.name)
     printer = LossCPrinter(frozenset(input_temps), dict([*known, *temps]),
-                           data_temps=_shift_temps([*known, *temps]))
+                           data_temps=_shift_temps([*known, *temps]), row_sums=row_sums,
+                           local_temps=frozenset(t.name for t, _ in temps))
+    if loo_used is not None:
+        printer.loo_used = loo_used  # filled as the lines print
     return [(t.name, printer.doprint(e)) for t, e in temps] + \
         [(n, printer.doprint(e)) for n, e in outputs]
 

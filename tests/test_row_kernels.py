@@ -177,6 +177,31 @@ def test_ignore_index_rows_give_zero_loss_and_zero_gradient(losses):
     assert v7[0] == v7[1] == 0.0 and v7[2] == ref_v[2]
 
 
+def test_smoothed_weighted_ce_gradient_keeps_the_sum_of_the_other_weights(losses):
+    # label smoothing k = ls/C times sum(w) - w_j: where w_j is nearly all of sum(w) the
+    # plain sum rounds the other weights away (leave-one-out in codegen.py). Truths: mpmath
+    # (2000 bits) of the spec's written formula's derivative,
+    # (1 - ls)*w[label]*(softmax_j - [j == label]) + ls/C*(sum(w)*softmax_j - w_j).
+    ce = losses.SoftmaxCrossEntropyLoss(label_smoothing=0.25890468907538955)
+    _, g = ce.value_and_grad(np.array([[-1274.869953962021, 2283.990418431206]]), np.array([1]),
+                             class_weight=np.array([[6.996440505457303e-233, 8.833379311541832e-41]]))
+    assert g[0, 1] == pytest.approx(9.0570562684994222e-234, rel=1e-15)  # was 0.0
+    assert g[0, 0] == pytest.approx(-9.0570562684994222e-234, rel=1e-15)
+    ce = losses.SoftmaxCrossEntropyLoss(label_smoothing=0.4340887123375401)
+    pred = np.array([[-158.6045379638672, 1.9307528734207153, 75.13743591308594, 0, 0, 0]], np.float32)
+    w = np.array([[0, 2502.712646484375, 3.4028234663852886e38, 596.793212890625,
+                   0.01615622267127037, 0.045433130115270615]], np.float32)
+    _, g = ce.value_and_grad(pred, np.array([4]), class_weight=w)
+    assert g[0, 2] == np.float32(-568491.75137059208)  # was -568716
+    # dense labels: sum(w*label) - w_j*label_j at the class that dominates both
+    ce = losses.SoftmaxCrossEntropyLoss(sparse_label=False)
+    _, g = ce.value_and_grad(np.array([[709.78271484375, 5775.42333984375, -398.3600769042969]], np.float32),
+                             np.array([[0.3798788785934448, 0.4596163034439087, 0.16050483286380768]], np.float32),
+                             class_weight=np.array([[4276.01611328125, 3.4028234663852886e38, 59.64292907714844]],
+                                                   np.float32))
+    assert g[0, 1] == np.float32(1633.9411843238174)  # was 0.0
+
+
 # --------------------------------------------------------------------------- layouts
 
 
