@@ -50,7 +50,7 @@ import sympy
 from sympy.codegen.cfunctions import expm1
 
 from .functions import Exprel
-from .stabilize import local_rule
+from .stabilize import complement_pairs, local_rule
 
 NCLASS = sympy.Symbol("ncls", positive=True)
 J = sympy.Symbol("j", integer=True)
@@ -267,26 +267,17 @@ def _cosine_distance(node):
     Its gradient by the chain rule is ((ahat - bhat) - ahat*sum((ahat - bhat)*ahat))/|a|: an
     error of |ahat| or |bhat| from 1 (their roundings) moves the difference radially, which
     changes |ahat - bhat|**2 by the error times 1 - cos, not by the error."""
-    if not node.is_Add:
-        return None
-    terms = list(node.args)
-    for i, t in enumerate(terms):
-        factors = sympy.Mul.make_args(t)
-        for n, f in enumerate(factors):
-            m = sympy.Mul(*factors[:n], *factors[n + 1:])  # t = m*f
-            if -m not in terms[:i] + terms[i + 1:] or m.has(RowSum):
-                continue
-            rest = list(terms)
-            rest.pop(i)
-            rest.remove(-m)
-            unit = _unit_dot(f)
-            if unit is not None:
-                qa, qb = unit
-                return sympy.Add(*rest, -m * RowSum((qa - qb)**2) / 2)
-            if isinstance(f, sympy.Piecewise) and any(_unit_dot(e) is not None for e, _ in f.args):
-                folded = sympy.Piecewise(*((_cosine_distance(-m + m * e) or (-m + m * e), c)
-                                           for e, c in f.args))
-                return sympy.Add(*rest, folded)
+    for f, k, rest in complement_pairs(node):
+        if k.has(RowSum):
+            continue
+        unit = _unit_dot(f)
+        if unit is not None:
+            qa, qb = unit
+            return sympy.Add(*rest, k * RowSum((qa - qb)**2) / 2)
+        if isinstance(f, sympy.Piecewise) and any(_unit_dot(e) is not None for e, _ in f.args):
+            folded = sympy.Piecewise(*((_cosine_distance(k - k * e) or (k - k * e), c)
+                                       for e, c in f.args))
+            return sympy.Add(*rest, folded)
     return None
 
 

@@ -348,22 +348,30 @@ def _power_quotient(node):
     return None
 
 
-def _sech2(node):
-    """k - k*tanh(u)**2 -> k/cosh(u)**2: 1 - tanh**2 cancels where tanh is near 1 (the true
-    value 4e^(-2|u|) comes out 0 from |u| = 19); cosh**2 overflows only where the true value
-    underflows."""
+def complement_pairs(node):
+    """(f, k, others) for each way the sum `node` holds k - k*f: a term -k*f (f one of its
+    factors) and the term k, `others` the rest of the terms. Nothing for a non-sum. Rules of
+    the shape k - k*f -> g(k, f) match on f and rebuild Add(*others, g(k, f))."""
     if not node.is_Add:
-        return None
+        return
     terms = list(node.args)
     for i, term in enumerate(terms):
         factors = sympy.Mul.make_args(term)
         for n, f in enumerate(factors):
-            if f.is_Pow and f.exp == 2 and isinstance(f.base, sympy.tanh):
-                k = -sympy.Mul(*factors[:n], *factors[n + 1:])
-                if k in terms[:i] + terms[i + 1:]:
-                    others = terms[:i] + terms[i + 1:]
-                    others.remove(k)
-                    return sympy.Add(*others, k * sympy.cosh(f.base.args[0])**-2)
+            k = -sympy.Mul(*factors[:n], *factors[n + 1:])
+            if k in terms[:i] + terms[i + 1:]:
+                others = terms[:i] + terms[i + 1:]
+                others.remove(k)
+                yield f, k, others
+
+
+def _sech2(node):
+    """k - k*tanh(u)**2 -> k/cosh(u)**2: 1 - tanh**2 cancels where tanh is near 1 (the true
+    value 4e^(-2|u|) comes out 0 from |u| = 19); cosh**2 overflows only where the true value
+    underflows."""
+    for f, k, others in complement_pairs(node):
+        if f.is_Pow and f.exp == 2 and isinstance(f.base, sympy.tanh):
+            return sympy.Add(*others, k * sympy.cosh(f.base.args[0])**-2)
     return None
 
 
