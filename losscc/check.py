@@ -439,13 +439,14 @@ class _Conditioning:
     """The conditioning of one output at one point (truth.condition over the real-valued
     arguments), computed once and only if asked."""
 
-    def __init__(self, fn, point, vary, bound):
+    def __init__(self, fn, point, vary, bound, dtype):
         self.fn, self.point, self.vary, self.bound = fn, point, vary, bound
+        self.rounding = 2.0 ** -PRECISION[dtype][0]  # the unit roundoff of the inputs
         self.scale = None
 
     def __call__(self):
         if self.scale is None:
-            self.scale = condition(self.fn, self.point, self.vary)
+            self.scale = condition(self.fn, self.point, self.vary, self.rounding)
         return self.scale
 
 
@@ -453,7 +454,9 @@ def _varying(spec, options, args) -> tuple:
     """Indices of the arguments that carry rounding: every parameter, and every input but
     those whose domain is a finite set (labels in {-1, 1}); row elements are `name__j`."""
     discrete = {i.name for i in spec.inputs if i.domain_for(options).values}
-    return tuple(n for n, a in enumerate(args) if a.name.split("__")[0] not in discrete)
+    # a row element is `name__j`; a scalar input's symbol is spelled x_name (expr.symbols_for)
+    names = [a.name.split("__")[0] if "__" in a.name else a.name.removeprefix("x_") for a in args]
+    return tuple(n for n, name in enumerate(names) if name not in discrete)
 
 
 def _slack(dtype) -> float:
@@ -603,7 +606,7 @@ def _measure_elementwise(spec, cls, result, batch: Batch):
             if mpmath.isnan(truth.value):
                 stat.unresolved += truth.unresolved
                 continue
-            cond = _Conditioning(fn, point, vary, result.bound) if spec.conditioned_for(options) else None
+            cond = _Conditioning(fn, point, vary, result.bound, dtype) if spec.conditioned_for(options) else None
             for array in computed[output]:  # every kernel that computes this output
                 got = float(array[k])
                 err = _error(got, truth, dtype, stat, cond)
@@ -635,7 +638,7 @@ def _measure_rows(spec, cls, result, batch: Batch):
             if mpmath.isnan(truth.value):
                 stat.unresolved += truth.unresolved
                 continue
-            cond = _Conditioning(fn, point, vary, result.bound) if spec.conditioned_for(options) else None
+            cond = _Conditioning(fn, point, vary, result.bound, dtype) if spec.conditioned_for(options) else None
             if output == "value":
                 got = float(value[k])
                 err = _error(float(value_only[k]), truth, dtype, stat, cond)

@@ -374,7 +374,33 @@ class LossCPrinter(C99CodePrinter):
             if len(sympy.Add.make_args(after)) < len(sympy.Add.make_args(before)) and not after.has(r):
                 self._loo[lo] = (n, r, arg)
                 seen, found = after, True
-        return seen if found else None
+        return seen if found else self._leave_many_out(expr)
+
+    def _leave_many_out(self, expr):
+        """leave-one-out of several sums at once, where none cancels alone: the projection
+        w_j q - ahat_j p of rows._unit_partial, q = sum(ahat**2) and p = sum(ahat*w), whose
+        terms at j cancel each other (w_j ahat_j**2 in both). `expr` is seen through every
+        temporary (the sums sit in row-level ones too); the result is collected by the
+        leave-one-out symbols. None unless terms cancel."""
+        seen = expr
+        for _ in range(len(self.temp_defs) + 1):
+            nxt = seen.xreplace(self.temp_defs)
+            if nxt == seen:
+                break
+            seen = nxt
+        present = [(r, n, arg) for r, (n, arg) in self.row_sums.items() if seen.has(r)]
+        if len(present) < 2:
+            return None
+        los = {r: sympy.Symbol(f"lo{n}", real=True) for r, n, _ in present}
+        subs = {r: los[r] + arg for r, _, arg in present}
+        after = _expand_signed(seen.xreplace(subs))
+        apart = sum(len(sympy.Add.make_args(_expand_signed(t.xreplace(subs))))
+                    for t in sympy.Add.make_args(_expand_signed(seen)))
+        if len(sympy.Add.make_args(after)) >= apart or any(after.has(r) for r in subs):
+            return None
+        for r, n, arg in present:
+            self._loo[los[r]] = (n, r, arg)
+        return sympy.collect(after, list(los.values()))
 
     def _print_Symbol(self, expr):
         hit = self._loo.get(expr)
@@ -390,6 +416,10 @@ class LossCPrinter(C99CodePrinter):
             lowered = self._exp_sub(expr)
         if lowered is not None:
             return lowered
+        if self.row_sums and any(expr.has(t) for t in self.temp_defs) | any(expr.has(r) for r in self.row_sums):
+            exact = self._leave_many_out(expr)
+            if exact is not None:
+                return self._print(exact)
         terms = self._terms(expr, order)
         prec = precedence(expr)
         out = ""
@@ -587,9 +617,9 @@ def row_kernel(spec, variant, mode: str) -> dict:
                     updates.append(f"if (fabs({e}) > fabs(big{n})) {{ ex{n} += big{n}; big{n} = {e}; jb{n} = j; }} "
                                    f"else {{ ex{n} += {e}; }}")
             elif st.role == "norm":  # a scaled sum of squares (lcc_ssq_add in prelude.h.j2)
-                inits.append(f"double sc{n} = 0.0, ssq{n} = 0.0, nf{n} = 0.0;")
-                updates.append(f"lcc_ssq_add({e}, &sc{n}, &ssq{n}, &nf{n});")
-                finals.append(f"const {T} r{n} = lcc_ssq_norm(sc{n}, ssq{n}, nf{n});")
+                inits.append(f"double sc{n} = 0.0, ssq{n} = 0.0, cmp{n} = 0.0, nf{n} = 0.0;")
+                updates.append(f"lcc_ssq_add({e}, &sc{n}, &ssq{n}, &cmp{n}, &nf{n});")
+                finals.append(f"const {T} r{n} = lcc_ssq_norm(sc{n}, ssq{n}, cmp{n}, nf{n});")
             elif st.role in ("max", "min", "lse_max"):
                 var = f"mx{n}" if st.role == "lse_max" else f"r{n}"
                 inits.append(f"{T} {var} = {'' if st.role == 'min' else '-'}INFINITY;")

@@ -449,6 +449,13 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
         if sym in by_sym:
             add(sym, sympy.diff(prog.value, sym))
     primaries = [s for s in prog.scalars if s.kind != "gather"]
+    # each unit vector's sum of squares, 1 but summed (_unit_partial); the plan drops the
+    # ones no output reads
+    units = {}
+    for s in primaries:
+        if s.kind == "norm":
+            q = Quotient(s.arg, s.sym)
+            units[q] = low.lower(RowSum(q**2))
     for s in reversed(primaries):
         a = adj.get(s.sym)
         if a is None:
@@ -479,7 +486,7 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
                 # and c * s is 0/0 at r = 0 where the sum of x_j is finite.
                 add(d.sym, a * ratio * s.sym)
             else:
-                total = low.lower(RowSum(weight * partial))  # a sum only the gradient reads
+                total = _reused_sums(weight * partial, low, units)  # a sum only the gradient reads
                 add(d.sym, a * total)
     prog.scalars = low.scalars
     prog.gathers = low.gathers
@@ -487,9 +494,12 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
     for name in wrt:
         x = next(sym for sym, n in elements.items() if n == name)
         g = sympy.S.Zero
+        projected = False
         for s in primaries:
             if s.kind in ("sum", "lse", "norm") and s.sym in adj and x in s.arg.free_symbols:
-                term = adj[s.sym] * _weight(s) * sympy.diff(s.arg, x)
+                partial, unit = _unit_partial(s.arg, x, units)
+                projected |= unit
+                term = adj[s.sym] * _weight(s) * partial
                 if term.has(Quotient):
                     # Into the adjoint's branches: a branch whose adjoint is 0 must give 0,
                     # not 0 * (x_j / r) with the norm r = 0 (cosine's zero vector, in the
@@ -499,6 +509,10 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
                 g += term
         picks = [(adj[gsym], sympy.Eq(J, gs.index)) for gsym, gs in low.gathers.items()
                  if gs.source == name and gsym in adj]
+        if projected:
+            # The direct and the norm's terms in one sum per branch, where the printer's
+            # leave-one-out sees them cancel (_unit_partial).
+            g = sympy.piecewise_fold(g)
         if len(picks) == 1:
             # The whole gradient in each branch, so that at the labelled class the precision
             # rules see softmax - 1 and make it -expm1 (no cancellation when p is near 1).
@@ -508,6 +522,44 @@ def derive_row(expr, elements: dict, gathers: dict, wrt: list) -> RowProgram:
             g += sum((sympy.Piecewise((a, c), (0, True)) for a, c in picks), sympy.S.Zero)
         prog.grads[name] = g
     return prog
+
+
+def _unit_partial(arg, x, units: dict) -> tuple:
+    """(d arg / d x, whether a unit vector's element was differentiated), the norm held fixed
+    (its own adjoint adds the rest). An element ahat_j = Quotient(a_j, r) of a unit vector
+    (r = norm(a)) differentiates to q / r instead of 1 / r, with q = sum(ahat**2), which is 1.
+    The gradient through ahat is the projection (w_j - ahat_j sum(ahat*w)) / r, and at the
+    class where ahat_j is near +-1 that difference rounds everything away (cosine's gradient
+    of [6e-293, -4.5e114] was 9e-131 where the truth is 2e-366); written
+    (w_j q - ahat_j sum(ahat*w)) / r, both sums lose their term at j in the printer's
+    leave-one-out, leaving w_j sum_{i != j} ahat_i**2 - ahat_j sum_{i != j} ahat_i w_i:
+    what the projection is with |ahat| = 1 exactly, and no cancellation."""
+    hidden = {q: sympy.Dummy("ahat") for q in arg.atoms(Quotient) if q in units and q.args[0].has(x)}
+    if not hidden:
+        return sympy.diff(arg, x), False
+    a = arg.xreplace(hidden)
+    out = sympy.diff(a, x)
+    for q, d in hidden.items():
+        out += sympy.diff(a, d) * units[q] / q.args[1] * sympy.diff(q.args[0], x)
+    return out.xreplace({d: q for q, d in hidden.items()}), True
+
+
+def _reused_sums(arg, low: Lowering, units: dict):
+    """sum(arg) as a combination of row sums already made, one of them a unit vector's q
+    (_unit_partial), where arg is one: sum(ahat*(ahat - bhat))/r = (q - cos)/r. Else a new
+    sum. The norm's adjoint then reads q, and in the gradient (w_j q - ahat_j (q - cos)) / r
+    the q terms cancel symbolically, before the printer's leave-one-out: with the new sum,
+    cosine's gradient kept a difference of two terms of order 1 (504 ulps where b is far
+    from parallel to a whose element a_j dominates). Only there: q - cos itself is 1 - cos,
+    which cancels where the vectors are nearly parallel, so it must never be evaluated."""
+    pieces = {}
+    for t in sympy.Add.make_args(sympy.expand(arg)):
+        c, rest = t.as_independent(*low.elements, J, as_Add=False)
+        pieces[rest] = pieces.get(rest, sympy.S.Zero) + c
+    known = [low.cache.get((RowSum, rest)) for rest in pieces]
+    if len(pieces) < 2 or None in known or not any(k.sym in set(units.values()) for k in known):
+        return low.lower(RowSum(arg))
+    return sympy.Add(*(c * k.value for c, k in zip(pieces.values(), known)))
 
 
 def _divisors(expr) -> set:

@@ -443,27 +443,39 @@ def resolve(fn, args, limit: float, slack: float = 0.0) -> Truth:
 CONDITION_LEVELS = ((60, mpmath.mpf(2) ** -100, mpmath.mpf(2) ** -80),
                     (420, mpmath.mpf(2) ** -1300, mpmath.mpf(2) ** -1280))
 CONDITION_AGREE = mpmath.mpf(10) ** -6  # the two steps' estimates, relative to each other
+MOVES = 15  # Walsh sign patterns tried by the measured movement
 
 
-def condition(fn, args, vary) -> mpmath.mpf:
-    """sum over i in `vary` of |x_i * df/dx_i| at the point `args`: how far f moves when each
-    of those inputs moves by its own relative rounding, per unit of that rounding. An error
-    this size times the working precision is inherent to the formula at this point (its
-    componentwise condition times |f|), whatever the algorithm.
+def condition(fn, args, vary, rounding=None) -> mpmath.mpf:
+    """How far f moves when each input in `vary` moves by its own relative rounding, per unit
+    of that rounding: sum over i of |x_i * df/dx_i| at the point `args`. An error this size
+    times the working precision is inherent to the formula at this point (its componentwise
+    condition times |f|), whatever the algorithm.
 
-    Forward differences at two relative steps (2^-100 and 2^-80 at 60 digits, then 2^-1300
-    and 2^-1280 at 420 digits where those disagree), each value narrowed to well below the
-    difference it makes, branches decided on midpoints: where f is smooth the two agree far
-    below 10^-6. Where they never do, a kink lies within a step
-    (a jump divided by the step is no derivative), and the answer is nan, as where f cannot
-    be evaluated at the point or its neighbours: no excuse there."""
+    With `rounding` (the dtype's unit roundoff u), also the movement itself, measured:
+    max over sign patterns s of |f(x * (1 + u s)) - f(x)| / u. That is the same number where
+    f is smooth at the scale of u, and more where the first-order sum is 0: at a minimum (1 -
+    cos of parallel vectors is 0 with a zero gradient, but inputs rounded by u turn the
+    vectors apart and move it by ~u**2). A pattern counts only if the movement at u/2 is
+    between a quarter and a half of it (linear plus quadratic): a jump within u of the point
+    scales otherwise and excuses nothing.
+
+    The slopes are forward differences at two relative steps (2^-100 and 2^-80 at 60 digits,
+    then 2^-1300 and 2^-1280 at 420 digits where those disagree), evaluated in intervals
+    narrowed until their widths are far below the sum they make (not each below its own
+    value: f = 0 exactly has a slope), branches decided on midpoints: where f is smooth the
+    two agree far below 10^-6. Where they never do, a kink lies within a step (a jump
+    divided by the step is no derivative), and the answer is nan, as where f cannot be
+    evaluated at the point or its neighbours: no excuse there."""
     saved = iv.dps
     _MODE.point = True
     try:
-        total = mpmath.mpf(0)
-        for i in vary:
-            if args[i] != 0:
-                total += _slope(fn, args, i)
+        idx = [i for i in vary if args[i] != 0]
+        moved = _movement(fn, args, idx, mpmath.mpf(rounding)) if rounding is not None else 0
+        slopes = _slopes(fn, args, idx, moved)
+        if slopes is None:
+            return mpmath.mpf("nan")
+        total = max(sum((abs(v) for v in slopes), mpmath.mpf(0)), moved)
         return total if mpmath.isfinite(total) else mpmath.mpf("nan")
     except (Undecided, Undefined, ZeroDivisionError):
         return mpmath.mpf("nan")
@@ -472,37 +484,65 @@ def condition(fn, args, vary) -> mpmath.mpf:
         iv.dps = saved
 
 
-def _slope(fn, args, i):
-    """|x_i df/dx_i| by forward differences, or nan (see condition). Slopes far below |f| need
-    no digits: max(|f|, condition) is what the check uses."""
+def _moved(args, scales: dict) -> list:
+    """args with args[i] multiplied by scales[i] (exactly: at the caller's digits)."""
+    return [mpmath.mpf(a) * scales[i] if i in scales else a for i, a in enumerate(args)]
+
+
+def _interval(fn, xs, digits):
+    """(midpoint, width) of fn at xs in intervals of `digits` digits."""
+    iv.dps = digits
+    with mp.workdps(digits):
+        y = fn([iv.mpf(a) for a in xs])
+        lo, hi = _lo(y), _hi(y)
+        return (lo + hi) / 2, hi - lo
+
+
+def _slopes(fn, args, idx, floor=0) -> list | None:
+    """[x_i df/dx_i for i in idx] by forward differences (see condition), or None. The
+    estimates need to be narrow and to agree only to a part in 10^6 of their sum plus |f|
+    plus `floor` (the measured movement): at a minimum the slopes are 0, and their
+    estimates O(step) ones that agree with nothing."""
     for dps, *steps in CONDITION_LEVELS:
-        with mp.workdps(dps):
-            moved = [list(args) for _ in steps]
-            for m, step in zip(moved, steps):
-                m[i] = mpmath.mpf(args[i]) * (1 + step)
-        base = _narrow(fn, args, dps, steps[0] * CONDITION_AGREE)
-        slopes = [abs(_narrow(fn, m, dps, step * CONDITION_AGREE) - base) / step
-                  for m, step in zip(moved, steps)]
-        if any(mpmath.isnan(v) for v in slopes):
-            continue
-        small, large = sorted(slopes)
-        if large - small <= CONDITION_AGREE * (large + abs(base)):
-            return slopes[0]
-    return mpmath.mpf("nan")
+        for digits in (dps, 2 * dps, 4 * dps):
+            with mp.workdps(digits):
+                points = [[_moved(args, {i: 1 + step}) for i in idx] for step in steps]
+            base, wb = _interval(fn, args, digits)
+            est = [[((m - base) / step, (w + wb) / step) for m, w in (_interval(fn, p, digits) for p in pts)]
+                   for step, pts in zip(steps, points)]  # per step: (slope, width) per input
+            if mpmath.isnan(base) or any(mpmath.isnan(v) for e in est for s in e for v in s):
+                break  # undefined near the point at this level
+            size = sum((abs(v) for v, _ in est[0]), abs(base) + floor)
+            if max(sum((w for _, w in e), mpmath.mpf(0)) for e in est) > CONDITION_AGREE * size / 8:
+                continue  # not narrow yet: more digits
+            gap = sum((abs(a[0] - b[0]) for a, b in zip(*est)), mpmath.mpf(0))
+            if gap <= CONDITION_AGREE * size:
+                return [v for v, _ in est[0]]
+            break  # the steps disagree: the next level's smaller steps
+    return None
 
 
-def _narrow(fn, xs, dps, rel):
-    """The midpoint of fn at xs once its interval is narrower than rel times its size, at
-    dps digits or up to 4 times more (a formula that cancels loses digits); else nan."""
-    for digits in (dps, 2 * dps, 4 * dps):
-        iv.dps = digits
+def _walsh(n: int, k: int) -> list:
+    """The k-th Walsh sign pattern over n inputs: (-1)**popcount(i & k)."""
+    return [-1 if bin(i & k).count("1") % 2 else 1 for i in range(n)]
+
+
+def _movement(fn, args, idx, u) -> mpmath.mpf:
+    """max over Walsh sign patterns s of |f(x (1 + u s)) - f(x)| / u (see condition): the
+    patterns turn any two inputs apart (and move all of them, and every half of them)."""
+    digits = 60
+    base, wb = _interval(fn, args, digits)
+    best = mpmath.mpf(0)
+    for k in range(1, min(MOVES, 2 ** len(idx) - 1) + 1):
+        s = _walsh(len(idx), k)
         with mp.workdps(digits):
-            y = fn([iv.mpf(a) for a in xs])
-            lo, hi = _lo(y), _hi(y)
-            mid = (lo + hi) / 2
-            if hi - lo <= rel * abs(mid) or hi == lo:
-                return mid
-    return mpmath.mpf("nan")
+            far = _moved(args, {i: 1 + u * si for i, si in zip(idx, s)})
+            near = _moved(args, {i: 1 + u / 2 * si for i, si in zip(idx, s)})
+        (m1, w1), (m2, w2) = _interval(fn, far, digits), _interval(fn, near, digits)
+        lo1, lo2, hi2 = abs(m1 - base) - w1 - wb, abs(m2 - base) - w2 - wb, abs(m2 - base) + w2 + wb
+        if lo1 > 0 and lo1 / 4 * (1 - CONDITION_AGREE) <= lo2 and hi2 <= lo1 / 2 * (1 + CONDITION_AGREE):
+            best = max(best, lo1)
+    return best / u
 
 
 def _resolve(fn, args, limit, slack, flip) -> Truth:

@@ -16,8 +16,8 @@ import pytest
 import sympy
 
 from conftest import ROOT, SPECS
-from losscc.check import (DTYPES, Accuracy, _Conditioning, _elementwise_points, _error, _params,
-                          _row_points, _variant_key, check, summary_table, ulps)
+from losscc.check import (DTYPES, Accuracy, _compiled, _Conditioning, _elementwise_points, _error,
+                          _params, _row_points, _variant_key, _varying, check, summary_table, ulps)
 from losscc.errors import SpecError
 from losscc.spec import load_spec, parse_domain, parse_spec
 from losscc.truth import compile_interval, condition, resolve
@@ -224,22 +224,17 @@ def catalogue(tmp_path_factory):
     return {r.name: r for r in check([SPECS], samples=40, out=out, log=lambda *a: None)}
 
 
-# Built-in losses that already meet the 4-ulp bound everywhere at this sweep; the others are
-# listed with what breaks them, as strict xfails: fixing one must move it here.
-MEETS_BOUND = ["hinge", "huber", "kl_div", "l1", "l2", "log_cosh", "logistic", "poisson_nll", "sigmoid_bce",
-               "softmax_cross_entropy", "softmax_focal", "squared_hinge", "triplet"]
-NOT_YET = {
-    "cosine_embedding": "the gradient (bhat - cos ahat)/|a| at the element that dominates a "
-                        "(ahat_j ~ 1) cancels to the rounding of O(1) terms (3e-170 for "
-                        "-3.1e-308): needs sums that leave that element out",
-}
+# Every built-in loss meets the 4-ulp bound (or its declared conditioned bound) at this sweep.
+MEETS_BOUND = ["cosine_embedding", "hinge", "huber", "kl_div", "l1", "l2", "log_cosh", "logistic",
+               "poisson_nll", "sigmoid_bce", "softmax_cross_entropy", "softmax_focal", "squared_hinge",
+               "triplet"]
 
 
 def test_every_builtin_is_checked(catalogue):
-    assert sorted(catalogue) == sorted(MEETS_BOUND + list(NOT_YET))
+    assert sorted(catalogue) == sorted(MEETS_BOUND)
 
 
-@pytest.mark.parametrize("name", sorted(MEETS_BOUND + list(NOT_YET)))
+@pytest.mark.parametrize("name", MEETS_BOUND)
 def test_examples_and_finite_differences_hold(catalogue, name):
     r = catalogue[name]
     assert r.examples and all(ok for _, _, ok, _ in r.examples), r.examples
@@ -252,14 +247,6 @@ def test_builtin_meets_the_bound(catalogue, name):
     assert r.ok, r.failures
     assert {dtype for dtype, _ in r.accuracy} == {"float64", "float32"}
     assert all(a.errors for a in r.accuracy.values())
-
-
-@pytest.mark.parametrize("name", sorted(NOT_YET))
-def test_builtin_not_yet_within_the_bound(catalogue, name):
-    r = catalogue[name]
-    if not r.ok:
-        pytest.xfail(NOT_YET[name])
-    pytest.fail(f"{name} now meets the bound: move it to MEETS_BOUND")
 
 
 NAIVE = textwrap.dedent("""\
@@ -333,12 +320,36 @@ def test_condition_at_a_kink_excuses_nothing():
     assert abs(condition(relu, [2.0, 1.0], (0, 1)) - 3) < 1e-25  # smooth there: |x| + |y|
 
 
+def test_condition_at_a_minimum_is_the_measured_movement():
+    # (x - y)**2 at x = y = 3: every slope is 0, but inputs rounded by u (both ways) move it
+    # by (3u + 3u)**2 = 36 u**2: per unit of rounding, 36 u. A jump within u of the point
+    # (x > y at x = y(1 + 2^-52)) scales with no power of u and excuses nothing.
+    u = 2.0**-53
+    sq = compile_interval((x - y)**2, (x, y))
+    assert mpmath.isnan(condition(sq, [3.0, 3.0], (0, 1)))  # slopes alone: O(step), no agreement
+    assert abs(condition(sq, [3.0, 3.0], (0, 1), u) / (36 * u) - 1) < 1e-6
+    step = compile_interval(sympy.Piecewise((1, x > y), (0, True)), (x, y))
+    assert condition(step, [1.0 + 2.0**-52, 1.0], (0, 1), u) == 0
+    assert mpmath.isnan(condition(step, [1.0, 1.0], (0, 1), u))
+
+
+def test_a_discrete_label_carries_no_rounding():
+    # cosine's label is in {-1, 1}: moving it by an ulp would jump to the "any other label"
+    # branch. Its symbol is x_label (a scalar input), the row elements input1__j.
+    spec = load_spec(SPECS / "cosine_embedding.yaml")
+    args, _ = _compiled(spec, {}, 2, {"input1": "row", "input2": "row", "label": "scalar"},
+                        ["input1", "input2"])
+    names = [a.name for a in args]
+    assert [names[i] for i in _varying(spec, {}, args)] == [
+        "input1__0", "input1__1", "input2__0", "input2__1", "p_margin", "p_epsilon"]
+
+
 def _measured(expr, point, computed):
     fn = compile_interval(expr, (x, y))
     t = resolve(fn, point, F64, 0.0)
     stat = Accuracy("value", "float64")
     strict = _error(computed, t, np.float64, Accuracy("value", "float64"))
-    conditioned = _error(computed, t, np.float64, stat, _Conditioning(fn, point, (0, 1), 4.0))
+    conditioned = _error(computed, t, np.float64, stat, _Conditioning(fn, point, (0, 1), 4.0, np.float64))
     return strict, conditioned, stat.conditioned
 
 

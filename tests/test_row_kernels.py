@@ -723,3 +723,26 @@ def test_cosine_distance_keeps_the_digits_of_nearly_parallel_vectors(losses):
             tol = 4 * EPS[np.float64] * (1 if i == 0 else float(angle / want))
             assert abs(v[i] / want - 1) <= tol, (i, v[i], want)
         assert abs(v[0] - mpmath.mpf("0.053478306844072571")) <= 4 * np.spacing(0.0534)  # the check's truth
+
+
+def test_cosine_gradient_at_the_element_that_dominates_a_unit_vector(losses):
+    """Points from `losscc check` (--samples 400), truths by the check's interval evaluation
+    of the written formula's derivative (losscc.truth, 60+ digits). The gradient through
+    ahat = a/|a| is the projection (w_j - ahat_j sum(ahat*w))/|a|; where ahat_j ~ 1 the
+    difference rounds to noise of its O(1) terms (9e-131 where the truth is 2e-366, which
+    underflows to 0). rows._unit_partial and the printer's leave-one-out make it
+    w_j sum_{i != j} ahat_i**2 - ahat_j sum_{i != j} ahat_i w_i."""
+    cos = losses.CosineEmbeddingLoss(margin=0.0020038134531302153, epsilon=4.8420163309522515e-05)
+    _, (g1, g2) = cos.value_and_grad(np.array([[5.957092670393404e-293, -4.5021630826157235e+114]]),
+                                     np.array([[-0.01089985530028879, 0.06440182254084331]]),
+                                     np.array([1.0]), wrt=("input1", "input2"))
+    assert g1[0, 1] == 0.0  # truth 1.8552888935617791e-366: below the subnormals
+    # b far from parallel to a, whose element 2 dominates: was 504 ulps off
+    cos = losses.CosineEmbeddingLoss(margin=-0.0027867603722642274, epsilon=1.6491993678037658e-05)
+    a = [7.158087876705961e+36, -0.004310426394287302, 7.93291322545021e+189, 709.782712893384,
+         0.00027287036840308737, 19.492359801027657]
+    b = [-0.1194431998763873, 0.0691948900620372, -0.0195359437060794, 23.337160206008107,
+         0.060622048630772724, -0.0005276778341933829]
+    _, (g1, g2) = cos.value_and_grad(np.array([a]), np.array([b]), np.array([1.0]), wrt=("input1", "input2"))
+    want = -9.3173698943589523e-8
+    assert abs(g2[0, 4] - want) <= 4 * np.spacing(abs(want)), g2[0, 4]
