@@ -114,6 +114,8 @@ class LossCPrinter(C99CodePrinter):
           class j) -> k*lo, lo = (j == jb ? ex : r - e_j), where the sum's pass also keeps
           ex, the sum without its largest term, at jb (lcc_exp_sub_loo). sum(w) - w_j at the
           dominant w_j rounds the others away: w = [7e-233, 8.8e-41] gave 0, truth 9.1e-234.
+          Of several sums at once in any gradient sum, where their terms at j cancel only
+          together (_leave_many_out): the projection through a unit vector (rows._unit_partial).
       sub-ratio    k - a/b -> lcc_sub_ratio(k, a/b, k*b - a, b)
           a/b within a factor 2 of k: (k*b - a)/b, with k*b's terms spread and summed with
           a's before the rest (1 - t/(p + eps) -> ((p - t) + eps)/(p + eps): p - t is exact
@@ -416,7 +418,7 @@ class LossCPrinter(C99CodePrinter):
             lowered = self._exp_sub(expr)
         if lowered is not None:
             return lowered
-        if self.row_sums and any(expr.has(t) for t in self.temp_defs) | any(expr.has(r) for r in self.row_sums):
+        if self.row_sums:
             exact = self._leave_many_out(expr)
             if exact is not None:
                 return self._print(exact)
