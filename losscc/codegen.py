@@ -44,6 +44,10 @@ COMPUTE = "double"  # the C type every kernel computes in
 MODES = ("v", "vg", "vgh")
 
 
+# Factors equal to e^u (to within 2^-1022 of it) wherever they are below the normal range
+# (exp-scale in LossCPrinter): sigmoid(u) = e^u/(1 + e^u), softplus(u) = log1p(e^u).
+EXP_LIKE = (sympy.exp, Sigmoid, Softplus)
+
 _LARGE = re.compile(r"x_|xg\d|m\d")  # inputs, gathered elements, logsumexp max shifts
 
 
@@ -128,13 +132,30 @@ class LossCPrinter(C99CodePrinter):
           (cosh(375)**2 overflows; the true value is 7e-318). The same number of roundings.
           A plain power 1/b**2 keeps 1.0/(b*b): there b*b overflows only where the result
           underflows.
-      deviance-difference  bd0(x, t) -> lcc_bd0(x, t, x - t)   (x - t with x's terms spread)
+      deviance-difference  bd0(x, t) -> lcc_bd0(x, t, x - t, lo)   (x - t with x's terms
+                                                          spread, lo their roundings)
           bd0 near x = t is t*d**2/2 for d = (x - t)/t, so it needs x - t to its last digit:
-          x = p + eps gives (p - t) + eps, exact but for one rounding (p - t is exact there,
-          by Sterbenz), where fl(p + eps) - t keeps the rounding of p + eps, 2/d ulps of the
-          result. x = exp(u) gives exp(u) - t (exp's own rounding: its error is d*t ulps of
-          1, inside the conditioning u*(exp(u) - t) of the written formula), and prints as
+          x = p + eps gives (p - t) + eps, where fl(p + eps) - t keeps the rounding of
+          p + eps, 2/d ulps of the result. Nor is that sum exact: away from x = t (p - t is
+          exact only by Sterbenz, x/t in [1/2, 2]) bd0's conditioning reaches 2.6 (x/t = 1/3),
+          so its two roundings cost up to 4 ulps; lo = lcc_sum_lo(S_k, a_k+1) summed over
+          the additions (two-sum: x - t = d + lo to 2^-106), and lcc_bd0 keeps every
+          rounding of its own (the Poisson loss at p = 3177.34, t = 9390.22 was 5.2 ulps off,
+          now 0.2). A sum that printed through a lowering passes lo = 0.0. x = exp(u) gives
+          exp(u) - t (exp's own rounding: its error is d*t ulps of 1, inside the
+          conditioning u*(exp(u) - t) of the written formula), and prints as
           lcc_bd0_exp(x, t, d, u): where exp(u) underflows or overflows, log(x) is u.
+      exp-scale    a*f -> lcc_mul_exp(a*f, a, u, lo)     (f = exp(u), sigmoid(u) or
+                                                          softplus(u), maybe a cse temporary
+                                                          or inside one; a not 1 or -1)
+          Where f is below the normal range (u < -708) it is e^u, rounded to a subnormal with
+          few significant bits or none, and a*f multiplies that rounding by a: sigmoid_bce's
+          d2/dpred2 = ((1 - z) + w*z)*sigmoid(x)*sigmoid(-x) at x = 742.38, w = 272.6 was
+          1.0776e-320 for 1.0550e-320, 45.6 units of 2^-1074. There (a*e^(u/2))*e^(u/2),
+          rounded once to the subnormal range (lo: u's rounding where exp(u) is an exact
+          lcc_exp_sum). Two such factors (sigmoid(x)*sigmoid(-x)): lcc_mul_exp2, the one
+          below the normal range scaled, after a times the other. A product of the
+          temporary (-t8) or three such factors prints plainly.
     """
 
     HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", LogCosh: "lcc_logcosh",
@@ -151,6 +172,7 @@ class LossCPrinter(C99CodePrinter):
         self.row_sums = dict(row_sums or {})
         self.local_temps = local_temps  # temporaries of this block (per class), not row ones
         self.loo_used = set()
+        self._plain_mul = False  # printing exp-scale's fallback
         self._loo = {}  # lo<n> symbol -> (n, r<n>, summand)
 
     def _seen(self, expr):
@@ -301,8 +323,63 @@ class LossCPrinter(C99CodePrinter):
             return self.helper("lcc_sub_ratio", k, -term, numerator, named)
         return None
 
+    def _exp_factors(self, expr, depth=0) -> tuple:
+        """exp-scale (the class docstring): (others, [(f, u), ...]) for the factors of the
+        product `expr`, f a factor that is exp(u), sigmoid(u) or softplus(u) (maybe a cse
+        temporary), others the rest; a temporary that is a product holding such a factor is
+        opened (t5*t8 with t8 = t2*t7, t7 = sigmoid(-x): t5, t2 and t7)."""
+        others, found = [], []
+        for f in sympy.Mul.make_args(expr):
+            e = self.temp_defs.get(f, f) if f.is_Symbol else f
+            if isinstance(e, EXP_LIKE):
+                found.append((f, e.args[0]))
+                continue
+            if e is not f and e.is_Mul and depth < 4:
+                inner_others, inner = self._exp_factors(e, depth + 1)
+                if inner:
+                    others += inner_others
+                    found += inner
+                    continue
+            others.append(f)
+        return others, found
+
+    def _exp_scale(self, expr):
+        """exp-scale (the class docstring): the helper call for a*f (a*f1*f2), or None."""
+        k, rest = expr.as_coeff_Mul()
+        if k in (1, -1) and rest.is_Symbol:  # -t8: exact, and t8 is printed scaled itself
+            return None
+        others, found = self._exp_factors(expr)
+        a = sympy.Mul(*others)
+        if not found or len(found) > 2 or (len(found) == 1 and a in (1, -1)):
+            return None
+        self._plain_mul = True  # the fallback, as printed without this lowering
+        try:
+            args = [self._print_Mul(expr)]
+        finally:
+            self._plain_mul = False
+        prec = PRECEDENCE["Mul"]
+        for n, (_, u) in enumerate(found):
+            if len(found) == 1:
+                args.append(self._print(a))
+            else:  # a times the other factor
+                args.append(f"{self.parenthesize(a, prec)}*{self._print(found[1 - n][0])}")
+            args += [self._print(u), self._exp_arg_lo(u)]
+        return f"lcc_mul_exp{'' if len(found) == 1 else '2'}({', '.join(args)})"
+
+    def _exp_arg_lo(self, u) -> str:
+        """The rounding of the sum u where exp(u) prints as lcc_exp_sum (_print_exp), which
+        sums it exactly; else "0.0"."""
+        if u.is_Add:
+            terms = self._terms(u)
+            if sum(1 for t in terms if not t.is_Number and reads_input(t, self.input_temps)) >= 2:
+                return self._sum_lo(terms)
+        return "0.0"
+
     def _print_Mul(self, expr):
-        """quotient-chain (the class docstring)."""
+        """exp-scale, then quotient-chain (the class docstring)."""
+        lowered = None if self._plain_mul else self._exp_scale(expr)
+        if lowered is not None:
+            return lowered
         num, den = [], []
         for f in sympy.Mul.make_args(expr):
             if f.is_Pow and f.exp.is_Integer and -8 <= f.exp < 0:
@@ -330,7 +407,20 @@ class LossCPrinter(C99CodePrinter):
         d = sympy.Add(*(seen.args if seen.is_Add else (x,)), -t)
         if isinstance(seen, sympy.exp):
             return self.helper("lcc_bd0_exp", x, t, d, seen.args[0])
-        return self.helper("lcc_bd0", x, t, d)
+        text = self._print(d)
+        terms = self._terms(d) if d.is_Add else [d]
+        if text != self._plain_sum(terms, precedence(d)):  # a lowering printed d: no low part
+            return f"lcc_bd0({self._print(x)}, {self._print(t)}, {text}, 0.0)"
+        return f"lcc_bd0({self._print(x)}, {self._print(t)}, {text}, {self._sum_lo(terms)})"
+
+    def _sum_lo(self, terms) -> str:
+        """The rounding errors of the left-to-right sum of `terms`, as _print_Add prints it:
+        lcc_sum_lo(S_k, a_k+1) summed over its additions, S_k the sum of the first k terms
+        (the compiler computes each S_k once); "0.0" for a single term."""
+        prec = PRECEDENCE["Add"]
+        parts = [f"lcc_sum_lo({self._plain_sum(terms[:k], prec)}, {self._print(terms[k])})"
+                 for k in range(1, len(terms))]
+        return " + ".join(parts) if parts else "0.0"
 
     def _exp_sub(self, expr):
         """exp-sub (the class docstring): the helper call for A*exp(u) + S, or None. exp(u)
@@ -422,8 +512,10 @@ class LossCPrinter(C99CodePrinter):
             exact = self._leave_many_out(expr)
             if exact is not None:
                 return self._print(exact)
-        terms = self._terms(expr, order)
-        prec = precedence(expr)
+        return self._plain_sum(self._terms(expr, order), precedence(expr))
+
+    def _plain_sum(self, terms, prec) -> str:
+        """`terms` added left to right as written (C's association), negatives subtracted."""
         out = ""
         for term in terms:
             if term.could_extract_minus_sign() and out:

@@ -176,10 +176,21 @@ LOWERED = [
     (sympy.log(2 * x), "lcc_log_scaled(2, x_pred)"),
     (sympy.log(2 * sympy.pi * y) / 2, "(0.5)*lcc_log_scaled(6.283185307179586, x_label)"),
     # deviance-difference: x - t from x's own terms, (p - t) + eps; log(x) = u for x = exp(u)
-    (Bd0(x + eps, y), "lcc_bd0(x_pred + p_epsilon, x_label, (-x_label) + x_pred + p_epsilon)"),
+    # and the roundings of that sum (lcc_sum_lo of each addition), the helper's d + dl
+    (Bd0(x + eps, y), "lcc_bd0(x_pred + p_epsilon, x_label, (-x_label) + x_pred + p_epsilon, "
+                      "lcc_sum_lo((-x_label), x_pred) + lcc_sum_lo((-x_label) + x_pred, p_epsilon))"),
     (Bd0(sympy.exp(x), y), "lcc_bd0_exp(exp(x_pred), x_label, lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label), x_pred)"),
     # exp-sub: A*exp(u) + S with S reading an input
     (sympy.exp(x) - y, "lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label)"),
+    # exp-scale: a*f for f = exp(u), sigmoid(u), softplus(u), which may be subnormal; the
+    # plain product, a and u; u's rounding where exp(u) is an lcc_exp_sum (an exact sum)
+    (y * sympy.exp(x), "lcc_mul_exp(x_label*exp(x_pred), x_label, x_pred, 0.0)"),
+    (3 * Softplus(-x), "lcc_mul_exp(3*lcc_softplus(-x_pred), 3, -x_pred, 0.0)"),
+    (y * Sigmoid(x) * Sigmoid(-x), "lcc_mul_exp2(x_label*lcc_sigmoid(-x_pred)*lcc_sigmoid(x_pred), "
+                                   "x_label*lcc_sigmoid(-x_pred), x_pred, 0.0, x_label*lcc_sigmoid(x_pred), "
+                                   "-x_pred, 0.0)"),
+    (y * sympy.exp(x - eps * y), "lcc_mul_exp(x_label*lcc_exp_sum2(-p_epsilon*x_label, x_pred), x_label, "
+                                 "(-p_epsilon*x_label) + x_pred, lcc_sum_lo((-p_epsilon*x_label), x_pred))"),
     # quotient-chain
     (y / (x + eps)**2, "x_label/(x_pred + p_epsilon)/(x_pred + p_epsilon)"),
     (-3 * y / (x**2 * eps), "(-3*x_label)/x_pred/x_pred/p_epsilon"),
@@ -195,6 +206,8 @@ PLAIN = [
     (sympy.exp(x) + sympy.exp(y) - y, "(-x_label) + exp(x_label) + exp(x_pred)"),  # two exps
     (sympy.exp(x) - 2, "(-2) + exp(x_pred)"),          # a number: stabilize's expm1 rule's job
     (x**-2, "1.0/(x_pred*x_pred)"),                    # a plain power (the printer table)
+    (-sympy.exp(x), "-exp(x_pred)"),                   # exp-scale: -f is exact
+    (y * sympy.exp(x) * sympy.exp(y) * sympy.exp(eps), "x_label*exp(p_epsilon)*exp(x_label)*exp(x_pred)"),  # three
     (y / (x**2 * sympy.sqrt(eps)), "x_label/(sqrt(p_epsilon)*(x_pred*x_pred))"),  # a non-integer power
 ]
 
@@ -249,6 +262,13 @@ LOWERED_VALUES = [
     # 2.6167952707652363 (mpmath); plain (HEAD 18dad62): 29 ulps, the terms ~100 cancel
     ("PoissonNLLLoss", {"from_logits": False, "compute_full": True}, 30.0, 29.793427339525856,
      np.float64, "value", lambda p, t: p - t * mpmath.log(p + mpmath.mpf(1e-8)) + t * mpmath.log(t) - t
+     + mpmath.log(2 * mpmath.pi * t) / 2),
+    # bd0 with its intermediates' roundings kept (x - t = d + dl, v's, log's), f64: 3968.0854061145964
+    # (mpmath) at x/t = 0.34, where bd0's conditioning is 2.6; before (an uncompensated series,
+    # p - t + eps rounded twice): 5.2 ulps
+    ("PoissonNLLLoss", {"from_logits": False, "compute_full": True}, 3177.3387539089313,
+     9390.219302000625, np.float64, "value",
+     lambda p, t: p - t * mpmath.log(p + mpmath.mpf(1e-8)) + t * mpmath.log(t) - t
      + mpmath.log(2 * mpmath.pi * t) / 2),
     # bd0, f32 at p = t = FLT_MAX, eps = 4.063361033887957e-06 (the check's point): 45.28035399587782
     # (mpmath); plain: 0.0, terms ~3e40 cancel

@@ -346,3 +346,29 @@ def test_poisson_where_both_terms_overflow_from_a_finite_input_takes_the_larger(
     # p = 800: e^800 = 2.7e347 wins -> +inf; p = 1e226 = t: +inf (by hand, mpmath agrees).
     value = losses.PoissonNLLLoss()(np.array([710.0, 800.0, 1e226]), np.array([1e308, 1e308, 1e226]))
     assert value.tolist() == [-np.inf, np.inf, np.inf]
+
+
+# --------------------------------------------------------------------------- subnormal factors
+
+
+@pytest.mark.parametrize("pred,label,pos_weight,output,want", [
+    # d2/dpred2 = ((1 - z) + w z) sigmoid(x) sigmoid(-x) = 1.0550128668199325e-320 (mpmath),
+    # where sigmoid(-742.38) = 3.9e-323 is 8 units of 2^-1074: times w = 272.6 it came out
+    # 1.0776e-320, 45.6 units off (`losscc check`'s point)
+    (742.3818568185699, 0.9999999999443433, 272.6475739847653, "hess", 1.0550128668199325e-320),
+    # w softplus(-746), -w sigmoid(-746), w sigmoid(746) sigmoid(-746) at w = 1e30, z = 1: all
+    # +-1e30 e^-746 = 1.0382848095158283e-294 (mpmath); e^-746 rounds to 0, and so did they
+    (746.0, 1.0, 1e30, "value", 1.0382848095158283e-294),
+    (746.0, 1.0, 1e30, "grad", -1.0382848095158283e-294),
+    (746.0, 1.0, 1e30, "hess", 1.0382848095158283e-294),
+])
+def test_a_weight_times_a_subnormal_sigmoid_rounds_once(losses, pred, label, pos_weight, output, want):
+    # exp-scale (codegen.py): a*f with f = exp(u), sigmoid(u) or softplus(u) below the normal
+    # range is (a*e^(u/2))*e^(u/2), so only the product rounds to the subnormal range
+    loss = losses.SigmoidBCELoss()
+    p, z, w = np.array([pred]), np.array([label]), np.array([pos_weight])
+    value, grad = loss.value_and_grad(p, z, pos_weight=w)
+    got = {"value": value, "grad": grad, "hess": loss.grad_hess(p, z, pos_weight=w)[1]}[output][0]
+    # within 2 units of the last place (e^(u/2) and a*e^(u/2) round too; a subnormal's unit
+    # is 2^-1074)
+    assert abs(got - want) <= 2 * np.spacing(abs(want)), (got, want)
