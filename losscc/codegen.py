@@ -110,10 +110,12 @@ class LossCPrinter(C99CodePrinter):
           no cancellation there (|log(k*u)| > 708); else log(k*u). The Stirling term's
           log(2*pi*t) was inf from t = 2.9e307 (then NaN: t*log(t) - inf... ), the truth
           is 354.8.
-      exp-sub      A*exp(u) + S -> lcc_exp_sub(exp(u), u, A, S)  (S reads an input)
+      exp-sub      A*exp(u) + S -> lcc_exp_sub(exp(u), u, A, S, A*exp(u))  (S reads an input)
           -S/A within a factor 2 of 1: (A + S)*exp(u) - S*expm1(u), where A + S is exact (by
           Sterbenz) and 0 for a one-hot label (softmax - label at the label: sum(label)*p - 1
-          = expm1(log p)); else A*exp(u) + S. The Poisson gradient exp(p) - t at t = 1 too.
+          = expm1(log p)); else A*exp(u) + S, A*exp(u) printed as a product (exp-scale:
+          a class weight 1.8e308 times a softmax weight exp(-751.4), 0 in double, is 8.3e-19).
+          The Poisson gradient exp(p) - t at t = 1 too.
       leave-one-out  inside exp-sub: A + S with k*r - k*e_j (r = sum(e), e_j its term at
           class j) -> k*lo, lo = (j == jb ? ex : r - e_j), where the sum's pass also keeps
           ex, the sum without its largest term, at jb (lcc_exp_sub_loo). sum(w) - w_j at the
@@ -156,13 +158,28 @@ class LossCPrinter(C99CodePrinter):
           lcc_exp_sum). Two such factors (sigmoid(x)*sigmoid(-x)): lcc_mul_exp2, the one
           below the normal range scaled, after a times the other. A product of the
           temporary (-t8) or three such factors prints plainly.
+      zero-branch  x*where(c, 0, k) -> where(c, 0, x*k)    (the where a factor, or a cse
+                                                          temporary holding one)
+          The 0 branch stays a select: x is not multiplied where it is taken. sympy keeps a
+          where as a factor of what it scales (the adjoint where(s == 0, 0, s/C) of label
+          smoothing's mean times the gradient's sum of class weights), and IEEE makes that
+          0*inf = NaN where the sum overflowed: class_weight [1.8e308, 9e307, 14] at
+          label_smoothing = 0 gave a NaN gradient, the truth -9.559 (`losscc check`). In the
+          branch taken the same product is formed.
+      scaled-factor  k*r<n>/d -> lcc_psum_scale(k, d, &ps<n>)   (r<n> a row sum of
+                                                          ScaledProducts, rows.py scaled-sum)
+          The terms out of range are held as mantissas and a power-of-two exponent
+          (lcc_psum_add; the others as a plain sum); k joins the mantissa before it
+          becomes a double, so k*sum is finite where the sum is not:
+          label_smoothing/C * sum(class_weight * -logp) = 1.9e307, the sum 1.8e308 * 7.7 +
+          ... = inf. The roundings of k*r/d: one for k*r or r/d (cosine's dot / epsilon).
     """
 
     HELPERS = {Sigmoid: "lcc_sigmoid", Softplus: "lcc_softplus", LogCosh: "lcc_logcosh",
                Exprel: "lcc_exprel"}  # DominantSum: _print_DominantSum
 
     def __init__(self, input_temps=frozenset(), temp_defs=None, data_temps=frozenset(),
-                 row_sums=None, local_temps=frozenset()):
+                 row_sums=None, local_temps=frozenset(), scaled_sums=None):
         super().__init__({"type_aliases": {real: float64}, "strict": True, "math_macros": {}})
         self.input_temps = input_temps  # names of cse temporaries that depend on an input
         self.temp_defs = dict(temp_defs or {})  # cse temporary (Symbol) -> its expression
@@ -171,6 +188,9 @@ class LossCPrinter(C99CodePrinter):
         # leave-one-out form was printed are added to loo_used (their pass tracks it)
         self.row_sums = dict(row_sums or {})
         self.local_temps = local_temps  # temporaries of this block (per class), not row ones
+        # scaled-factor: row sum symbol r<n> -> n, for the sums accumulated scaled (ps<n>:
+        # lcc_psum_add), which a product reads before they become a double
+        self.scaled_sums = dict(scaled_sums or {})
         self.loo_used = set()
         self._plain_mul = False  # printing exp-scale's fallback
         self._loo = {}  # lo<n> symbol -> (n, r<n>, summand)
@@ -375,9 +395,38 @@ class LossCPrinter(C99CodePrinter):
                 return self._sum_lo(terms)
         return "0.0"
 
+    def _zero_branch(self, expr):
+        """zero-branch (the class docstring): x*where(c, 0, k) printed as where(c, 0, x*k),
+        the where a cse temporary or the factor itself; None if no factor has a 0 branch."""
+        factors = sympy.Mul.make_args(expr)
+        for n, f in enumerate(factors):
+            pw = self.temp_defs.get(f, f)
+            if isinstance(pw, sympy.Piecewise) and any(v == 0 for v, _ in pw.args):
+                x = sympy.Mul(*factors[:n], *factors[n + 1:])
+                return self._print(sympy.Piecewise(*((v if v == 0 else x * v, c) for v, c in pw.args),
+                                                   evaluate=False))
+        return None
+
+    def _scaled_factor(self, expr):
+        """scaled-factor (the class docstring): k*r<n>/d for a scaled row sum r<n> as
+        lcc_psum_scale(k, d, &ps<n>) (d the factors with a negative integer power), or None."""
+        factors = sympy.Mul.make_args(expr)
+        for n, f in enumerate(factors):
+            if f in self.scaled_sums:
+                rest = factors[:n] + factors[n + 1:]
+                den = [g.base**-g.exp for g in rest if g.is_Pow and g.exp.is_Integer and g.exp < 0]
+                num = [g for g in rest if not (g.is_Pow and g.exp.is_Integer and g.exp < 0)]
+                m = self.scaled_sums[f]
+                return f"lcc_psum_scale({self._print(sympy.Mul(*num))}, {self._print(sympy.Mul(*den))}, &ps{m})"
+        return None
+
     def _print_Mul(self, expr):
-        """exp-scale, then quotient-chain (the class docstring)."""
-        lowered = None if self._plain_mul else self._exp_scale(expr)
+        """zero-branch, scaled-factor, exp-scale, then quotient-chain (the class docstring)."""
+        lowered = self._zero_branch(expr)
+        if lowered is None:
+            lowered = self._scaled_factor(expr)
+        if lowered is None and not self._plain_mul:
+            lowered = self._exp_scale(expr)
         if lowered is not None:
             return lowered
         num, den = [], []
@@ -438,10 +487,13 @@ class LossCPrinter(C99CodePrinter):
         rest = sympy.Add(*expr.args[:n], *expr.args[n + 1:])
         if self._seen(coeff).has(sympy.exp) or not self._reads(rest):
             return None
+        product = self._print(coeff * e)  # A*exp(u), through exp-scale
         exact = self._leave_one_out(coeff + rest)
         if exact is not None:
-            return self.helper("lcc_exp_sub_loo", e, u, coeff, rest, exact)
-        return self.helper("lcc_exp_sub", e, u, coeff, rest)
+            return f"lcc_exp_sub_loo({self._print(e)}, {self._print(u)}, {self._print(coeff)}, " \
+                   f"{self._print(rest)}, {self._print(exact)}, {product})"
+        return f"lcc_exp_sub({self._print(e)}, {self._print(u)}, {self._print(coeff)}, " \
+               f"{self._print(rest)}, {product})"
 
     def _leave_one_out(self, expr):
         """leave-one-out (the class docstring): `expr` (A + S of exp-sub) with each row sum
@@ -671,11 +723,14 @@ def row_kernel(spec, variant, mode: str) -> dict:
     # leave-one-out: the plain sums (printed first: their passes track the sums the
     # gradient's lines read without their largest term)
     row_sums = {st.scalar.sym: (st.scalar.n, st.scalar.arg) for pass_steps in steps.passes
-                for st in pass_steps if st.role == "sum" and not isinstance(st.scalar.arg, rows.ScaledProduct)}
+                for st in pass_steps if st.role == "sum" and not rows.masked_product(st.scalar.arg)}
+    # scaled-factor: the sums accumulated scaled, which a product k*r<n> reads scaled
+    scaled_sums = {st.scalar.sym: st.scalar.n for pass_steps in steps.passes
+                   for st in pass_steps if st.role == "sum" and rows.masked_product(st.scalar.arg)}
     loo_used = set()
     if grad:
         grad_lines = _print_block(class_temps, list(zip(diffs, reduced[1:])), known=row_temps,
-                                  row_sums=row_sums, loo_used=loo_used)
+                                  row_sums=row_sums, loo_used=loo_used, scaled_sums=scaled_sums)
     passes = []
     for p, pass_steps in enumerate(steps.passes, 1):
         exprs, inits, updates, finals = [], [], [], []
@@ -683,22 +738,30 @@ def row_kernel(spec, variant, mode: str) -> dict:
         for st in pass_steps:
             s = st.scalar
             n = s.n
-            scaled = st.role == "sum" and isinstance(s.arg, rows.ScaledProduct)
+            scaled = rows.masked_product(s.arg) if st.role == "sum" else None
             if st.role == "lse_tail":
                 exprs.append(sympy.exp(s.arg - s.shift))
                 names.append(f"z{n}")
-            elif scaled:  # the two factors; their product is formed scaled (lcc_psum_add)
-                exprs += list(s.arg.args)
-                names += [f"e{n}a", f"e{n}b"]
+            elif scaled:  # the factors; their product is formed scaled (lcc_psum_add)
+                factors, mask = scaled
+                fnames = [f"e{n}{chr(ord('a') + i)}" for i in range(len(factors))]
+                exprs += list(factors)
+                names += fnames
+                if mask is not None:  # where(c, 0, product): added where the mask is not 0
+                    exprs.append(mask)
+                    names.append(f"e{n}m")
             else:
                 exprs.append(s.arg)
                 names.append(f"e{n}")
             e = f"e{n}" if st.role != "lse_tail" else f"z{n}"
             if scaled:
-                inits.append(f"double pm{n} = 0.0, pnf{n} = 0.0;")
-                inits.append(f"int pe{n} = 0;")
-                updates.append(f"lcc_psum_add(e{n}a, e{n}b, &pm{n}, &pe{n}, &pnf{n});")
-                finals.append(f"const {T} r{n} = lcc_psum(pm{n}, pe{n}, pnf{n});")
+                inits.append(f"lcc_psum_t ps{n} = {{0.0, 0.0, 0, 0.0}};")
+                if len(fnames) == 2:
+                    add = f"lcc_psum_add({fnames[0]}, {fnames[1]}, &ps{n});"
+                else:
+                    add = f"lcc_psum_addn({len(fnames)}, (const double[]){{{', '.join(fnames)}}}, &ps{n});"
+                updates.append(add if mask is None else f"if (e{n}m != 0) {add}")
+                finals.append(f"const {T} r{n} = lcc_psum(&ps{n});")
                 continue
             if st.role == "sum" or st.role == "lse_tail":
                 inits.append(f"double acc{n} = 0.0;")
@@ -727,13 +790,13 @@ def row_kernel(spec, variant, mode: str) -> dict:
                 updates.append(f"if (!fin{n} || j != jm{n}) acc{n} += (double){e};")
                 finals.append(f"const {T} r{n} = ({T})(fin{n} ? log1p(acc{n}) : log(acc{n}));")
         ptemps, preduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
-        body = _print_block(ptemps, list(zip(names, preduced)))
+        body = _print_block(ptemps, list(zip(names, preduced)), scaled_sums=scaled_sums)
         passes.append({
             "inits": inits, "updates": updates, "finals": finals,
             "reads": _reads(exprs, elements), "temps": body,
             "gathers": gathers(steps.after[p - 1]),
         })
-    row_lines = _print_block(row_temps, [("val", reduced[0])])
+    row_lines = _print_block(row_temps, [("val", reduced[0])], scaled_sums=scaled_sums)
     k = {
         "grad": grad,
         "inputs": [{"name": i.name, "kind": variant.kinds[i.name], "ignore": i.ignore}
@@ -771,16 +834,17 @@ def _expand_signed(expr):
     return out.xreplace(back) if back else out
 
 
-def _print_block(temps, outputs, known=(), row_sums=None, loo_used=None) -> list:
+def _print_block(temps, outputs, known=(), row_sums=None, loo_used=None, scaled_sums=None) -> list:
     """(name, C expression) lines for cse temporaries and named outputs. With row_sums (the
-    gradient pass), the sums whose leave-one-out form was printed are added to loo_used."""
+    gradient pass), the sums whose leave-one-out form was printed are added to loo_used;
+    scaled_sums (r<n> -> n) are the row sums accumulated scaled (scaled-factor)."""
     input_temps = set()
     for t, e in [*known, *temps]:
         if reads_input(e, input_temps):
             input_temps.add(t.name)
     printer = LossCPrinter(frozenset(input_temps), dict([*known, *temps]),
                            data_temps=_shift_temps([*known, *temps]), row_sums=row_sums,
-                           local_temps=frozenset(t.name for t, _ in temps))
+                           local_temps=frozenset(t.name for t, _ in temps), scaled_sums=scaled_sums)
     if loo_used is not None:
         printer.loo_used = loo_used  # filled as the lines print
     return [(t.name, printer.doprint(e)) for t, e in temps] + \

@@ -17,6 +17,10 @@ Row rules, as `before -> after` (u, v, e, a, c elementwise expressions, k any fa
     cosine-distance       k - k*sum(ahat*bhat) -> k*sum((ahat - bhat)**2)/2
                           (ahat = a / norm(a), bhat = b / norm(b); also inside a where:
                           k - k*where(c, cos, e) -> where(c, k - k*cos, k - k*e))
+    scaled-sum            k*sum(a*b) -> k*sum(ScaledProduct(a, b))   (k a row constant,
+                          not +-1: the product k*sum is formed from the scaled sum, the
+                          printer's scaled-factor lowering; also a*b*c..., and inside
+                          where(c, 0, a*b): k*sum(where(c, 0, ScaledProduct(a, b))))
   joining the "precision" phase (ROW_PRECISION_RULES), on the lowered value and gradients:
     expm1-power-ratio     (-expm1(t))**a * t -> -(-expm1(t))**(a + 1) / exprel(t)
 
@@ -115,22 +119,46 @@ class RowNorm(RowReduction):
 
 
 class ScaledProduct(sympy.Function):
-    """a * b, the summand of a row sum that accumulates with a power-of-two scale
-    (lcc_psum_add in prelude.h.j2): each product is held as its mantissa and exponent, so
-    a term past the float range neither overflows on its own nor meets another infinity of
-    the other sign (inf - inf = NaN) when the sum is a number or one infinity. Outside a
-    row sum's pass (a gradient, sympy's derivative of it) it is the plain product."""
+    """a * b (* c ...), the summand of a row sum that accumulates with a power-of-two scale
+    (lcc_psum_add, lcc_psum_addn in prelude.h.j2): each product is held as its mantissa and
+    exponent, so a term past the float range neither overflows on its own nor meets another
+    infinity of the other sign (inf - inf = NaN) when the sum is a number or one infinity,
+    and a product of three factors does not overflow in its first two (class_weight * -logp
+    * label = 1.7e308 at 9e307 * 6.5 * 0.29). Outside a row sum's pass (a gradient, sympy's
+    derivative of it) it is the plain product. Inside a row sum it may sit in one branch of
+    a where whose other branch is 0 (masked_product): the term is added only where that
+    branch is taken."""
 
-    nargs = 2
+    @classmethod
+    def eval(cls, *args):
+        if len(args) < 2:
+            raise TypeError("ScaledProduct takes two or more factors")
 
     def fdiff(self, argindex=1):
-        return self.args[1] if argindex == 1 else self.args[0]
+        return sympy.Mul(*(a for n, a in enumerate(self.args) if n != argindex - 1))
 
     def _eval_is_real(self):
-        return self.args[0].is_real and self.args[1].is_real
+        return all(a.is_real for a in self.args) or None
 
     def naive(self):
-        return self.args[0] * self.args[1]
+        return sympy.Mul(*self.args)
+
+
+def masked_product(e):
+    """(factors, mask) if the row sum summand `e` is a ScaledProduct, maybe in a where with a
+    0 branch: mask is None, or where(c, 0, 1) (or where(c, 1, 0)), the term's weight. The
+    pass adds the product where the mask is not 0 (the factors are not multiplied by it: the
+    0 branch of the spec's where(label == 0, 0, w * label * -logp) stays 0 where -logp is
+    inf). None for any other summand."""
+    if isinstance(e, ScaledProduct):
+        return e.args, None
+    if isinstance(e, sympy.Piecewise) and len(e.args) == 2:
+        (a, c), (b, _) = e.args
+        if a == 0 and isinstance(b, ScaledProduct):
+            return b.args, sympy.Piecewise((0, c), (1, True))
+        if b == 0 and isinstance(a, ScaledProduct):
+            return a.args, sympy.Piecewise((1, c), (0, True))
+    return None
 
 
 class Quotient(sympy.Function):
@@ -281,6 +309,55 @@ def _cosine_distance(node):
     return None
 
 
+def _scaled_sum(node):
+    """k*sum(a*b) -> k*sum(ScaledProduct(a, b)), k a factor free of row reductions (a row
+    constant: numbers, parameters, ncls, per-row inputs) other than +-1: a mean, or a sum
+    scaled by a parameter. The sum can overflow where k times it does not: label smoothing's
+    label_smoothing * mean(class_weight * -logp) at class_weight [1.8e308, ...] has the term
+    1.8e308 * 7.7 = inf and the row sum inf, while the smoothing term is 1.9e307 (0.083 / 6
+    of it, a point from `losscc check`). As a ScaledProduct the sum accumulates mantissas
+    under one power-of-two exponent (lcc_psum_add), and the printer multiplies k into that
+    scaled form before it becomes a double (scaled-factor, codegen.py): lcc_psum_scale. A
+    product of three is one ScaledProduct, formed without overflow of its first two: the
+    dense labels' (1 - s) * sum(where(label == 0, 0, w * label * -logp)) is 1.7e308 at
+    w = 9e307, label 0.29, -logp 6.5, where w * -logp is inf (`losscc check`); the where stays
+    (masked_product), so a label 0 still adds nothing where -logp is inf. Where every term
+    is in range the sum and the product round as before (lcc_psum_add keeps those in a plain
+    sum). Runs after the other row rules, whose patterns (sum(a*c) / norm(a), a dot of unit
+    vectors) it would hide; their k holds a reduction, so it does not match them."""
+    if not node.is_Mul:
+        return None
+    factors = list(node.args)
+    for n, f in enumerate(factors):
+        if not isinstance(f, RowSum):
+            continue
+        k = sympy.Mul(*factors[:n], *factors[n + 1:])
+        if k in (1, -1) or k.has(*REDUCTIONS):
+            continue
+        summand = _scaled_summand(f.args[0])
+        if summand is not None:
+            return k * RowSum(summand)
+    return None
+
+
+def _scaled_summand(e):
+    """e = c*a*b*... (two or more factors that are not numbers) as ScaledProduct(c*a, b, ...),
+    also in the nonzero branch of a where(cond, 0, e) (the other branch stays 0); else None."""
+    if isinstance(e, sympy.Piecewise) and len(e.args) == 2:
+        (a, c), (b, t) = e.args
+        if a == 0 or b == 0:
+            inner = _scaled_summand(b if a == 0 else a)
+            if inner is not None:
+                return sympy.Piecewise((0, c), (inner, t)) if a == 0 else sympy.Piecewise((inner, c), (0, t))
+        return None
+    if not e.is_Mul:
+        return None
+    c, parts = e.as_coeff_mul()
+    if len(parts) < 2:
+        return None
+    return ScaledProduct(c * parts[0], *parts[1:])
+
+
 def _expm1_power_ratio(node):
     """(-expm1(t))**a * t -> -(-expm1(t))**(a + 1) / exprel(t), a not an integer: the focal
     loss's derivative has (1 - p)**(gamma - 1) * log(p) with log(p) = t and 1 - p =
@@ -318,6 +395,8 @@ ROW_RULES = (
     local_rule("normalized-sum", "sum(a*c) / norm(a)", "sum((a / norm(a)) * c)", _normalized_sum),
     local_rule("cosine-distance", "k - k*sum(ahat*bhat)", "k*sum((ahat - bhat)**2)/2   "
                "(ahat = a / norm(a), bhat = b / norm(b))", _cosine_distance),
+    local_rule("scaled-sum", "k*sum(a*b)", "k*sum(ScaledProduct(a, b))   (k a row constant)",
+               _scaled_sum),
 )
 # Rules for the "precision" phase (run on the row loss's value and gradients after lowering).
 ROW_PRECISION_RULES = (

@@ -19,6 +19,9 @@ from conftest import SPECS
 x = sympy.Symbol("x_pred", real=True)
 y = sympy.Symbol("x_label", real=True)
 eps = sympy.Symbol("p_epsilon", positive=True)
+S = sympy.Symbol("p_s", real=True)
+W = sympy.Symbol("x_class_weight", real=True)
+R0 = sympy.Symbol("r0", real=True)
 
 
 def c(expr):
@@ -179,9 +182,13 @@ LOWERED = [
     # and the roundings of that sum (lcc_sum_lo of each addition), the helper's d + dl
     (Bd0(x + eps, y), "lcc_bd0(x_pred + p_epsilon, x_label, (-x_label) + x_pred + p_epsilon, "
                       "lcc_sum_lo((-x_label), x_pred) + lcc_sum_lo((-x_label) + x_pred, p_epsilon))"),
-    (Bd0(sympy.exp(x), y), "lcc_bd0_exp(exp(x_pred), x_label, lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label), x_pred)"),
+    (Bd0(sympy.exp(x), y), "lcc_bd0_exp(exp(x_pred), x_label, lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label, exp(x_pred)), x_pred)"),
     # exp-sub: A*exp(u) + S with S reading an input
-    (sympy.exp(x) - y, "lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label)"),
+    (sympy.exp(x) - y, "lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label, exp(x_pred))"),
+    # ... with A*exp(u) printed as a product, through exp-scale (a class weight times a
+    # softmax weight below the normal range)
+    (y * sympy.exp(x) - W, "lcc_exp_sub(exp(x_pred), x_pred, x_label, -x_class_weight, "
+                           "lcc_mul_exp(x_label*exp(x_pred), x_label, x_pred, 0.0))"),
     # exp-scale: a*f for f = exp(u), sigmoid(u), softplus(u), which may be subnormal; the
     # plain product, a and u; u's rounding where exp(u) is an lcc_exp_sum (an exact sum)
     (y * sympy.exp(x), "lcc_mul_exp(x_label*exp(x_pred), x_label, x_pred, 0.0)"),
@@ -191,6 +198,9 @@ LOWERED = [
                                    "-x_pred, 0.0)"),
     (y * sympy.exp(x - eps * y), "lcc_mul_exp(x_label*lcc_exp_sum2(-p_epsilon*x_label, x_pred), x_label, "
                                  "(-p_epsilon*x_label) + x_pred, lcc_sum_lo((-p_epsilon*x_label), x_pred))"),
+    # zero-branch: the 0 of a where is not multiplied by what may be inf
+    (R0 * sympy.Piecewise((0, sympy.Eq(S, 0)), (S / 3, True)),
+     "((p_s == 0) ? 0 : (0.3333333333333333)*p_s*r0)"),
     # quotient-chain
     (y / (x + eps)**2, "x_label/(x_pred + p_epsilon)/(x_pred + p_epsilon)"),
     (-3 * y / (x**2 * eps), "(-3*x_label)/x_pred/x_pred/p_epsilon"),
@@ -205,6 +215,7 @@ PLAIN = [
     (y / x, "x_label/x_pred"),                          # one division: nothing to chain
     (sympy.exp(x) + sympy.exp(y) - y, "(-x_label) + exp(x_label) + exp(x_pred)"),  # two exps
     (sympy.exp(x) - 2, "(-2) + exp(x_pred)"),          # a number: stabilize's expm1 rule's job
+    (x * sympy.Piecewise((1, sympy.Eq(S, 0)), (S, True)), "x_pred*((p_s == 0) ? 1 : p_s)"),  # no 0 branch
     (x**-2, "1.0/(x_pred*x_pred)"),                    # a plain power (the printer table)
     (-sympy.exp(x), "-exp(x_pred)"),                   # exp-scale: -f is exact
     (y * sympy.exp(x) * sympy.exp(y) * sympy.exp(eps), "x_label*exp(p_epsilon)*exp(x_label)*exp(x_pred)"),  # three
@@ -215,6 +226,20 @@ PLAIN = [
 @pytest.mark.parametrize("expr, want", LOWERED)
 def test_printer_lowering_fires(expr, want):
     assert c(expr) == want
+
+
+def test_scaled_factor_reads_a_scaled_sum_before_it_is_a_double():
+    """scaled-factor: k*r0/d for a row sum accumulated scaled (ps0) applies k and d to
+    the mantissa; through a where's nonzero branch too; a sum not accumulated scaled (r1)
+    prints as the product."""
+    r1 = sympy.Symbol("r1", real=True)
+    printer = LossCPrinter(scaled_sums={R0: 0})
+    assert printer.doprint(S * R0 / 3 + x) == "x_pred + lcc_psum_scale((0.3333333333333333)*p_s, 1, &ps0)"
+    assert printer.doprint(R0 * sympy.Piecewise((0, sympy.Eq(S, 0)), (S, True))) == \
+        "((p_s == 0) ? 0 : lcc_psum_scale(p_s, 1, &ps0))"
+    # a divisor stays a division: r0/eps is one rounding, as written (cosine's dot / epsilon)
+    assert printer.doprint(S * R0 / eps) == "lcc_psum_scale(p_s, p_epsilon, &ps0)"
+    assert printer.doprint(S * r1) == "p_s*r1"
 
 
 @pytest.mark.parametrize("expr, want", PLAIN)

@@ -9,6 +9,9 @@ red (XPASS) the day it is fixed, and the test itself is not weakened.
 
 from __future__ import annotations
 
+import math
+
+import mpmath
 import numpy as np
 import pytest
 
@@ -372,3 +375,82 @@ def test_a_weight_times_a_subnormal_sigmoid_rounds_once(losses, pred, label, pos
     # within 2 units of the last place (e^(u/2) and a*e^(u/2) round too; a subnormal's unit
     # is 2^-1074)
     assert abs(got - want) <= 2 * np.spacing(abs(want)), (got, want)
+
+
+# --------------------------------------------------------------------------- huge class weights
+
+def _ce_truth(pred, label, weight, smoothing, sparse, from_logits):
+    """Softmax cross entropy with class weights and label smoothing (PyTorch's definition,
+    the spec's formula) and its gradient, by mpmath at 60 digits from the inputs as given:
+    with logp = log_softmax(pred) (pred itself with from_logits) and the target weights
+    c_i = (1 - s) * w_i * y_i + s/C * w_i (y one-hot at the label, or the label row),
+    loss = sum_i c_i * -logp_i and d loss / d pred_j = sum_i c_i * p_j - c_j (by hand: the
+    derivative of -logp_i is p_j - [i == j]); with from_logits it is -c_j."""
+    with mpmath.workdps(60):
+        x = [mpmath.mpf(v) for v in pred]
+        w = [mpmath.mpf(v) for v in weight]
+        s, n = mpmath.mpf(smoothing), len(x)
+        y = [mpmath.mpf(int(i == label)) for i in range(n)] if sparse else [mpmath.mpf(v) for v in label]
+        c = [(1 - s) * w[i] * y[i] + s / n * w[i] for i in range(n)]
+        if from_logits:
+            return sum(-c[i] * x[i] for i in range(n)), [-ci for ci in c]
+        top = max(x)
+        tail = mpmath.log(sum(mpmath.exp(v - top) for v in x))
+        logp = [(v - top) - tail for v in x]  # (not top + tail - v: 60 digits of a 5e184)
+        p = [mpmath.exp(v) for v in logp]
+        return sum(-c[i] * logp[i] for i in range(n)), [sum(c) * p[j] - c[j] for j in range(n)]
+
+
+# (sparse_label, from_logits, label_smoothing, pred, label, class_weight), each from `losscc
+# check --samples 400` (float64), where the kernel gave inf or NaN (or 0) for a finite truth.
+HUGE_WEIGHT_ROWS = [
+    # value: the smoothing sum sum(w * -logp) = 1.8e308 * 7.7 + ... is inf; times 0.083/6
+    # it is 1.9055392778206353e+307 (rows.py scaled-sum, codegen.py scaled-factor)
+    pytest.param(True, False, 0.08307007715591408,
+                 [1.5463042143739754, -4.197144616057669, 9.200262129554176, -2.4904686977769823,
+                  2.7313249901017205, 0.28192708719752274], 3,
+                 [1.7976931348623157e+308, 0.0005709709574367994, 274.0591316755281,
+                  1.4602860783013572e+145, 1.382620718573921, 7.067443315185735e+180], id="smoothing-sum"),
+    # gradient: sum(w) = inf times the smoothing adjoint where(s == 0, 0, s/C) = 0 was NaN;
+    # the truth is [4.7795677102475261, 4.7795677102475261, -9.5591354204950522]
+    # (codegen.py zero-branch)
+    pytest.param(True, False, 0.0, [5.568386952317635e+184] * 3, 2,
+                 [1.7976931348623157e+308, 8.988465674311579e+307, 14.338703130742578], id="zero-branch"),
+    # value: the dense term w * label * -logp = 9e307 * 0.29 * 6.5 overflowed in w * -logp;
+    # the truth is 1.707906802192583e+308 (a three-factor ScaledProduct)
+    pytest.param(False, False, 0.0, [2.913510926953808, -1.5737646228719129, -3.6256377134212365],
+                 [0.3736595823076996, 0.3363255605082215, 0.2900148571840789],
+                 [0.005742840024107339, 0.21000969776364106, 8.988465674311579e+307], id="three-factors"),
+    # value with log-probabilities: -w * pred = 2.3 * 9e307 is inf, times 0.70/6: 2.4630382189430225e+307
+    pytest.param(True, True, 0.7024633036035981,
+                 [-1.0705880507055664e+234, -0.003726257565567648, -8.988465674311579e+307,
+                  -543.5339141531442, -25.752617988101914, -2.758252152316499e+210], 0,
+                 [0.015853340462010698, 0.007608105378206127, 2.340524519370574,
+                  3.1593322376100118e-114, 3.2762597019969596e-297, 3761.7660158705585], id="logits-sum"),
+    # gradient at class 2: w[label] = 1.8e308 times the softmax weight exp(-751.4) = 4.6e-327,
+    # which rounds to 0; the truth is 8.3359481650574242e-19 (codegen.py exp-scale, inside exp-sub)
+    pytest.param(True, False, 0.0,
+                 [-200.12072871645057, 469.3257201231566, -282.08553227032587, -411.7258278405209,
+                  86.63022862655177, 43.93609131921857], 3,
+                 [73.76961587830156, 3.7755091971757975e-186, 3.380401532250579e-308,
+                  1.7976931348623157e+308, 3.9876906963821255, 2.4940567492716483], id="underflowed-weight"),
+]
+
+
+@pytest.mark.parametrize("sparse,from_logits,smoothing,pred,label,weight", HUGE_WEIGHT_ROWS)
+def test_cross_entropy_with_class_weights_near_the_float_max(losses, sparse, from_logits, smoothing,
+                                                              pred, label, weight):
+    """Finite where the truth is, and within 4 ulps of it (the check's bound), in float64 (a
+    truth past the float range is inf: the last row's value, 1.8e308 * 881)."""
+    loss = losses.SoftmaxCrossEntropyLoss(sparse_label=sparse, from_logits=from_logits,
+                                          label_smoothing=smoothing)
+    value, grad = loss.value_and_grad(np.array([pred]), np.array([label]),
+                                      class_weight=np.array(weight))
+    want_value, want_grad = _ce_truth(pred, label, weight, smoothing, sparse, from_logits)
+    for got, want in [(value[0], want_value), *zip(grad[0], want_grad)]:
+        if abs(want) > np.finfo(np.float64).max:
+            assert got == np.sign(float(want)) * np.inf, (got, want)
+            continue
+        assert np.isfinite(got), (got, want)
+        ulp = math.ulp(float(want))
+        assert abs(mpmath.mpf(float(got)) - want) <= 4 * ulp, (got, want)

@@ -474,6 +474,43 @@ def test_rule_difference_of_squares_near_misses(expr):
     assert "difference-of-squares" not in [f[0] for f in fired]
 
 
+def test_rule_scaled_sum_fires_and_is_exact():
+    """k*sum(a*b) -> k*sum(ScaledProduct(a, b)) for a row constant k (label smoothing's
+    s * mean(w * -logp)), also in the nonzero branch of where(c, 0, a*b*c) (the dense label
+    term); the summand is the same product."""
+    from losscc.rows import NCLASS, RowSum, ScaledProduct, masked_product
+
+    s = sympy.Symbol("p_label_smoothing", real=True)
+    before = s * RowSum(U * (A - V)) / NCLASS
+    out, fired = _stabilized(before)
+    assert [f[0] for f in fired] == ["scaled-sum"]
+    assert out == s * RowSum(ScaledProduct(U, A - V)) / NCLASS
+    back = out.replace(lambda e: isinstance(e, ScaledProduct), lambda e: e.naive())
+    assert sympy.expand(back - before) == 0
+    masked = sympy.Piecewise((0, sympy.Eq(V, 0)), (-U * V * A, True))
+    out, _ = _stabilized((1 - s) * RowSum(masked))
+    summand = sympy.Piecewise((0, sympy.Eq(V, 0)), (ScaledProduct(-V, U, A), True))  # sympy's order
+    assert out == (1 - s) * RowSum(summand)
+    assert masked_product(summand) == ((-V, U, A), sympy.Piecewise((0, sympy.Eq(V, 0)), (1, True)))
+    # its derivative is the plain product's
+    assert sympy.diff(ScaledProduct(-U, V, A), A) == -U * V
+
+
+@pytest.mark.parametrize("expr", [
+    "RowSum(U*V)",                            # no factor k
+    "-RowSum(U*V)",                           # k = -1
+    "2*RowSum(3*U)",                          # one factor that is not a number
+    "RowSum(U*V)/RowSum(U)",                  # k holds a reduction
+    "2*RowSum(Piecewise((1, Eq(V, 0)), (U*V, True)))",  # no 0 branch
+])
+def test_rule_scaled_sum_near_misses(expr):
+    from losscc.rows import RowSum
+
+    names = {"RowSum": RowSum, "U": U, "V": V, "Piecewise": sympy.Piecewise, "Eq": sympy.Eq}
+    _, fired = _stabilized(eval(expr, names))  # noqa: S307 - test literals
+    assert "scaled-sum" not in [f[0] for f in fired]
+
+
 def test_triplet_at_huge_anchors_is_finite(losses):
     """pred = -3e209 squares to inf in both distances (inf - inf = NaN before the rule).
     Row 1 (from `losscc check`): d+ - d- is -7.4e270, relu 0, gradients 0. Row 2, by hand:
@@ -668,7 +705,7 @@ def test_rule_cosine_distance_fires_and_is_exact():
     """1 - sum(ahat*bhat) -> sum((ahat - bhat)**2)/2, also through a where (Gluon's epsilon
     branch is left as written); an identity where both norms are nonzero: on one class
     (ahat, bhat = +-1) (s - t)**2/2 = 1 - s*t for every pair of signs."""
-    from losscc.rows import Quotient, RowNorm, RowSum
+    from losscc.rows import Quotient, RowNorm, RowSum, ScaledProduct
 
     qa, qb = Quotient(X1, RowNorm(X1)), Quotient(X2, RowNorm(X2))
     cos = RowSum(qa * qb)
@@ -681,7 +718,9 @@ def test_rule_cosine_distance_fires_and_is_exact():
     c = eps < RowNorm(X1) * RowNorm(X2)
     other = RowSum(X1 * X2) / eps
     out, _ = _stabilized(k - k * sympy.Piecewise((cos, c), (other, True)))
-    assert out == sympy.Piecewise((k * RowSum((qa - qb)**2) / 2, c), (k - k * other, True))
+    # (the epsilon branch's dot, scaled by k/eps, is a scaled sum: the scaled-sum rule)
+    scaled = RowSum(ScaledProduct(X1, X2)) / eps
+    assert out == sympy.Piecewise((k * RowSum((qa - qb)**2) / 2, c), (k - k * scaled, True))
 
 
 @pytest.mark.parametrize("text", [
