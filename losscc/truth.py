@@ -507,9 +507,12 @@ def _slopes(fn, args, idx, floor=0) -> list | None:
         for digits in (dps, 2 * dps, 4 * dps):
             with mp.workdps(digits):
                 points = [[_moved(args, {i: 1 + step}) for i in idx] for step in steps]
-            base, wb = _interval(fn, args, digits)
-            est = [[((m - base) / step, (w + wb) / step) for m, w in (_interval(fn, p, digits) for p in pts)]
-                   for step, pts in zip(steps, points)]  # per step: (slope, width) per input
+            try:
+                base, wb = _interval(fn, args, digits)
+                est = [[((m - base) / step, (w + wb) / step) for m, w in (_interval(fn, p, digits) for p in pts)]
+                       for step, pts in zip(steps, points)]  # per step: (slope, width) per input
+            except (Undecided, Undefined, ZeroDivisionError):
+                break  # a step too far for the formula (1 - p of a softmax of 1e189s): smaller ones
             if mpmath.isnan(base) or any(mpmath.isnan(v) for e in est for s in e for v in s):
                 break  # undefined near the point at this level
             size = sum((abs(v) for v, _ in est[0]), abs(base) + floor)
@@ -531,14 +534,20 @@ def _movement(fn, args, idx, u) -> mpmath.mpf:
     """max over Walsh sign patterns s of |f(x (1 + u s)) - f(x)| / u (see condition): the
     patterns turn any two inputs apart (and move all of them, and every half of them)."""
     digits = 60
-    base, wb = _interval(fn, args, digits)
+    try:
+        base, wb = _interval(fn, args, digits)
+    except (Undecided, Undefined, ZeroDivisionError):
+        return mpmath.mpf(0)
     best = mpmath.mpf(0)
     for k in range(1, min(MOVES, 2 ** len(idx) - 1) + 1):
         s = _walsh(len(idx), k)
         with mp.workdps(digits):
             far = _moved(args, {i: 1 + u * si for i, si in zip(idx, s)})
             near = _moved(args, {i: 1 + u / 2 * si for i, si in zip(idx, s)})
-        (m1, w1), (m2, w2) = _interval(fn, far, digits), _interval(fn, near, digits)
+        try:
+            (m1, w1), (m2, w2) = _interval(fn, far, digits), _interval(fn, near, digits)
+        except (Undecided, Undefined, ZeroDivisionError):
+            continue  # not a movement the formula has a value for
         lo1, lo2, hi2 = abs(m1 - base) - w1 - wb, abs(m2 - base) - w2 - wb, abs(m2 - base) + w2 + wb
         if lo1 > 0 and lo1 / 4 * (1 - CONDITION_AGREE) <= lo2 and hi2 <= lo1 / 2 * (1 + CONDITION_AGREE):
             best = max(best, lo1)

@@ -785,3 +785,15 @@ def test_cosine_gradient_at_the_element_that_dominates_a_unit_vector(losses):
     _, (g1, g2) = cos.value_and_grad(np.array([a]), np.array([b]), np.array([1.0]), wrt=("input1", "input2"))
     want = -9.3173698943589523e-8
     assert abs(g2[0, 4] - want) <= 4 * np.spacing(abs(want)), g2[0, 4]
+
+
+def test_focal_power_of_a_base_near_1_keeps_its_digits(losses):
+    """(1 - p)**95 at p = 3.8e-7: pow of the rounded base multiplies its half-ulp rounding
+    by 95 (27.5 ulps); exp(95*log1p(-p)) keeps p's digits (pow-1mexp in codegen.py). Point
+    from `losscc check --seed 1`; truths by the check's interval evaluation (losscc.truth)."""
+    focal = losses.SoftmaxFocalLoss(gamma=95.21488892272912)
+    pred = np.array([[0.24069372009173318, -3.8076750220400384, -9.133233839809629,
+                      -2.960306723488362, 5.650959158423376, -1.9398232057608074]])
+    v, g = focal.value_and_grad(pred, np.array([2]))
+    assert abs(v[0] - 14.788883588796691) <= 4 * np.spacing(14.79), v[0]
+    assert abs(g[0, 4] - 0.99528447723685571) <= 4 * np.spacing(0.995), g[0, 4]
