@@ -10,7 +10,7 @@ Row rules, as `before -> after` (u, v, e, a, c elementwise expressions, k any fa
   joining stabilize's "to-stable-nodes" phase (ROW_RULES), before lowering:
     log-of-product        log(exp(a) * b) -> a + log(b)   (every factor positive)
     log-sum-exp           log(sum(exp(e))) -> logsumexp(e)
-    difference-of-squares k*sum(u**2) - k*sum(v**2) -> k*sum((u - v)*(u + v))
+    difference-of-squares k*sum(u**2) - k*sum(v**2) -> 2k*sum((u - v)*((u + v)/2))
                           (the product summed with a power-of-two scale: ScaledProduct)
     norm                  sqrt(sum(e**2)) -> norm(e)   (scaled: no overflow)
     normalized-sum        sum(a*c) / norm(a) -> sum((a / norm(a)) * c)
@@ -257,7 +257,10 @@ def _difference_of_squares(node):
     ScaledProduct: the sum accumulates mantissas under one power-of-two exponent, because
     (u - v)*(u + v) still overflows per element (2.2e160 * 3.7e185) and two such terms of
     opposite signs made inf - inf = NaN where the true sum is +inf (a triplet from
-    `losscc check`)."""
+    `losscc check`). The second factor is (u + v)/2, which sympy spreads over the terms
+    (p - a/2 - n/2 for the triplet's u = p - a, v = p - n; halving is exact above the
+    subnormals), with 2 outside the sum: u + v overflowed where p is the float maximum
+    and the loss is 9.7e307 (`losscc check --seed 1`)."""
     if not node.is_Add:
         return None
     terms = list(node.args)
@@ -268,7 +271,7 @@ def _difference_of_squares(node):
         for j, (k2, v) in squares:
             if j != i and k2 == -k and u != v:
                 rest = [t for n, t in enumerate(terms) if n not in (i, j)]
-                return sympy.Add(*rest, k * RowSum(ScaledProduct(u - v, u + v)))
+                return sympy.Add(*rest, 2 * k * RowSum(ScaledProduct(u - v, (u + v) / 2)))
     return None
 
 
@@ -389,7 +392,7 @@ ROW_RULES = (
     local_rule("log-of-product", "log(exp(a) * b)", "a + log(b)   (every factor positive)",
                _log_of_product),
     local_rule("log-sum-exp", "log(sum(exp(e)))", "logsumexp(e)", _log_sum_exp),
-    local_rule("difference-of-squares", "k*sum(u**2) - k*sum(v**2)", "k*sum((u - v)*(u + v))",
+    local_rule("difference-of-squares", "k*sum(u**2) - k*sum(v**2)", "2k*sum((u - v)*((u + v)/2))",
                _difference_of_squares),
     local_rule("norm", "sqrt(sum(e**2))", "norm(e)   (scaled: no overflow)", _norm),
     local_rule("normalized-sum", "sum(a*c) / norm(a)", "sum((a / norm(a)) * c)", _normalized_sum),

@@ -532,7 +532,8 @@ def _walsh(n: int, k: int) -> list:
 
 def _movement(fn, args, idx, u) -> mpmath.mpf:
     """max over Walsh sign patterns s of |f(x (1 + u s)) - f(x)| / u (see condition): the
-    patterns turn any two inputs apart (and move all of them, and every half of them)."""
+    patterns turn apart any two inputs whose indices differ in their last four bits, the
+    first 16 for sure (a row of 6 classes, two inputs and the parameters)."""
     digits = 60
     try:
         base, wb = _interval(fn, args, digits)

@@ -451,12 +451,12 @@ def test_rule_difference_of_squares_fires_and_is_exact():
     before = RowSum((U - A)**2) - RowSum((V - A)**2) + sympy.Symbol("p_margin")
     out, fired = _stabilized(before)
     assert [f[0] for f in fired] == ["difference-of-squares"]
-    assert out == RowSum(ScaledProduct(U - V, U + V - 2 * A)) + sympy.Symbol("p_margin")
+    assert out == 2 * RowSum(ScaledProduct(U - V, (U + V) / 2 - A)) + sympy.Symbol("p_margin")
     back = _one_class(out).replace(lambda e: isinstance(e, ScaledProduct), lambda e: e.naive())
     assert sympy.expand(back - _one_class(before)) == 0
     # a common factor k comes along: 3*sum(u**2) - 3*sum(v**2)
     out, _ = _stabilized(3 * RowSum(U**2) - 3 * RowSum(V**2))
-    assert out == 3 * RowSum(ScaledProduct(U - V, U + V))
+    assert out == 6 * RowSum(ScaledProduct(U - V, (U + V) / 2))
 
 
 @pytest.mark.parametrize("expr", [
@@ -797,3 +797,19 @@ def test_focal_power_of_a_base_near_1_keeps_its_digits(losses):
     v, g = focal.value_and_grad(pred, np.array([2]))
     assert abs(v[0] - 14.788883588796691) <= 4 * np.spacing(14.79), v[0]
     assert abs(g[0, 4] - 0.99528447723685571) <= 4 * np.spacing(0.995), g[0, 4]
+
+
+def test_triplet_at_the_float_maximum_is_finite(losses):
+    """d+ - d- = sum((n - a)*(2p - a - n)) with p at the float maximum: 2p - a - n overflowed
+    (inf where the loss is 9.7179458986485405e307, the check's interval truth, --seed 1);
+    the rule's second factor is p - a/2 - n/2 and the 2 goes outside the sum."""
+    pred = [1068.7405907445573, -67.54369435976975, 1.7976931348623157e+308, 8.673525880195646e-218,
+            1.2012583492165696, 129.59048850117605]
+    positive = [1068.2118859879401, -67.54369411596277, -0.024404745213213713, 8.673525880088599e-218,
+                1.2012583473606775, 129.59048848472918]
+    negative = [1068.7405907946886, -67.54376710260185, 0.24588459700516307, 8.673525467149105e-218,
+                1.2012583471780913, 129.59584071499233]
+    v, _ = losses.TripletLoss(margin=1.0).value_and_grad(np.array([pred]), np.array([positive]),
+                                                         np.array([negative]))
+    want = 9.7179458986485405e307
+    assert abs(v[0] - want) <= 4 * np.spacing(want), v[0]
