@@ -511,13 +511,7 @@ class LossCPrinter(C99CodePrinter):
         other classes' terms; None where no summand cancels."""
         if not self.row_sums:
             return None
-        local = {t: d for t, d in self.temp_defs.items() if t.name in self.local_temps}
-        seen = expr
-        for _ in range(len(local) + 1):
-            nxt = seen.xreplace(local)
-            if nxt == seen:
-                break
-            seen = nxt
+        seen = _through(expr, {t: d for t, d in self.temp_defs.items() if t.name in self.local_temps})
         found = False
         for r, (n, arg) in self.row_sums.items():
             if not seen.has(r):
@@ -536,12 +530,7 @@ class LossCPrinter(C99CodePrinter):
         terms at j cancel each other (w_j ahat_j**2 in both). `expr` is seen through every
         temporary (the sums sit in row-level ones too); the result is collected by the
         leave-one-out symbols. None unless terms cancel."""
-        seen = expr
-        for _ in range(len(self.temp_defs) + 1):
-            nxt = seen.xreplace(self.temp_defs)
-            if nxt == seen:
-                break
-            seen = nxt
+        seen = _through(expr, self.temp_defs)
         present = [(r, n, arg) for r, (n, arg) in self.row_sums.items() if seen.has(r)]
         if len(present) < 2:
             return None
@@ -827,6 +816,17 @@ def _reads(exprs, elements) -> list:
     """The row inputs whose element is read by `exprs`, in a stable order."""
     used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
     return [name for x, name in elements.items() if x in used]
+
+
+def _through(expr, defs: dict):
+    """`expr` with the cse temporaries in `defs` replaced by their definitions, through every
+    level (a temporary's definition may name another)."""
+    for _ in range(len(defs) + 1):
+        nxt = expr.xreplace(defs)
+        if nxt == expr:
+            break
+        expr = nxt
+    return expr
 
 
 def _expand_signed(expr):
