@@ -19,4 +19,19 @@ def load(path):
     return load_module(path)
 
 
-__all__ = ["load", "LossccError", "SpecError", "BuildError", "LoadError", "__version__"]
+def set_num_threads(n: int) -> None:
+    """Use at most `n` threads per kernel call (default: $LOSSCC_NUM_THREADS, else every
+    core this process may use). Results are the same bits for any thread count."""
+    from .runtime import set_num_threads as _set
+
+    _set(n)
+
+
+def get_num_threads() -> int:
+    """The thread count kernel calls use (see set_num_threads)."""
+    from .runtime import get_num_threads as _get
+
+    return _get()
+
+
+__all__ = ["load", "set_num_threads", "get_num_threads", "LossccError", "SpecError", "BuildError", "LoadError", "__version__"]

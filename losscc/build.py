@@ -16,11 +16,13 @@ import contextlib
 import hashlib
 import json
 import os
-import re
+import shlex
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,13 @@ from .ir import MANIFEST_FORMAT, KernelSource, LossSpec
 from .resources import compiler_hash, templates_hash
 from .spec import load_spec, spec_files
 
-CFLAGS = ("-O3", "-std=c99", "-fno-math-errno")
+# Flags that keep IEEE values: -fno-math-errno and -fno-trapping-math only drop errno and
+# floating-point exception flags (nothing reads them), which lets GCC if-convert branches
+# and vectorize; -std=c99 keeps fp contraction off (the compensated sums rely on it).
+# -fopenmp-simd: `omp simd` loops may vectorize their sums (no OpenMP runtime is linked);
+# -pthread: lcc_run's threads.
+CFLAGS = ("-O2", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-pthread")
+LDFLAGS = ("-pthread",)
 MANIFEST = "manifest.json"
 STALE_SECONDS = 60  # an unused build folder older than this is removed by the next build
 
@@ -74,11 +82,19 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
         return report
 
     out.mkdir(parents=True, exist_ok=True)
-    sources = [_generate_cached(s, out / ".cache", force, log, verbose) for s in specs]
+    objects = _Objects(out / ".cache" / "obj", name)
     t1 = time.perf_counter()
-    folder = _compile(sources, out, name, key)
+    try:  # each loss compiles on the other cores while the next one is derived
+        sources = []
+        for s in specs:
+            sources.append(_generate_cached(s, out / ".cache", force, log, verbose))
+            objects.submit(sources[-1])
+        folder = _compile(sources, out, name, key, objects, log)
+    finally:
+        objects.close()
     n_kernels = sum(s.cdef.count(";") for s in sources)
-    log(f"  compiled {n_kernels} kernels in {time.perf_counter() - t1:.1f} s")
+    log(f"  compiled {n_kernels} kernels in {time.perf_counter() - t1:.1f} s, derivations included "
+        f"({objects.fresh} of {_plural(len(sources), 'loss')} recompiled)")
     previous = _publish(folder, target)
     _remove_stale(out, name, keep={folder.name, previous})
     report.status = "built"
@@ -96,7 +112,7 @@ def cache_key(specs: list[LossSpec]) -> str:
     env = [f"{v}={os.environ.get(v, '')}" for v in ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS")]
     for part in (__version__, compiler_hash(), _version("sympy"), _version("cffi"),
                  sysconfig.get_config_var("EXT_SUFFIX"), sysconfig.get_config_var("CC"), *env,
-                 " ".join(CFLAGS), templates_hash()):
+                 " ".join(CFLAGS + LDFLAGS), templates_hash()):
         h.update(str(part).encode() + b"\0")
     for s in specs:
         h.update(f"{s.path}\0{s.source_hash}\0".encode())
@@ -152,8 +168,14 @@ def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=Fals
     return source
 
 
-def _compile(sources, out: Path, name: str, key: str) -> Path:
-    """Compile into a fresh hidden folder and return it, complete, or raise BuildError."""
+def _compile(sources, out: Path, name: str, key: str, objects: "_Objects", log=print) -> Path:
+    """Compile into a fresh hidden folder and return it, complete, or raise BuildError.
+
+    Each loss is its own translation unit (the prelude and its kernels), compiled to an
+    object file by the C compiler directly, all of them at once on every core, and cached
+    under out/.cache/obj by a hash of its source and the compiler command: editing one spec
+    recompiles one object. cffi then compiles only its small wrapper and links the objects.
+    """
     import cffi
 
     from .codegen import module_source, template_env
@@ -162,17 +184,23 @@ def _compile(sources, out: Path, name: str, key: str) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
     final = out / f".{name}-{key[:16]}-{work.name.rsplit('-', 1)[-1]}"  # unique per build
     try:
+        objects = objects.wait()
         ffi = cffi.FFI()
         try:
             ffi.cdef(cdef)
         except (cffi.CDefError, cffi.FFIError) as exc:
             raise BuildError(f"internal: generated cffi declarations are invalid: {exc}") from None
-        ffi.set_source(f"{name}._kernels", c_source, extra_compile_args=list(CFLAGS))
+        # the wrapper sees the kernels' prototypes only; their code is in the objects
+        # (-O1 -g0: argument conversion only, which Python's own -O3 -g takes seconds over)
+        ffi.set_source(f"{name}._kernels", "#include <stdint.h>\n" + cdef,
+                       extra_objects=[str(o.resolve()) for o in objects],
+                       extra_compile_args=["-O0", "-g0"], extra_link_args=list(LDFLAGS))
         with _captured_stderr() as err:
             try:
                 so = Path(ffi.compile(tmpdir=str(work / "cffi"), verbose=False))
             except Exception as exc:  # distutils/setuptools CompileError, LinkError, VerificationError
-                raise BuildError(_compiler_message(err.read(), work, name, exc)) from None
+                first = next((ln for ln in err.read().splitlines() if "error" in ln), "") or str(exc)
+                raise BuildError(f"C compiler failed: {first.strip()}") from None
         pkg = work / "pkg"
         pkg.mkdir()
         shutil.copy2(so, pkg / so.name)
@@ -188,6 +216,79 @@ def _compile(sources, out: Path, name: str, key: str) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def compiler_command() -> list[str]:
+    """The C compiler and flags for a kernel object: $CC (else Python's), position-independent
+    code, CFLAGS, then $CPPFLAGS and $CFLAGS from the environment (as setuptools adds them)."""
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    pic = sysconfig.get_config_var("CCSHARED") or "-fPIC"
+    return [*shlex.split(cc), *shlex.split(pic), *CFLAGS,
+            *shlex.split(os.environ.get("CPPFLAGS", "")), *shlex.split(os.environ.get("CFLAGS", ""))]
+
+
+class _Objects:
+    """One object file per loss: from the cache, or compiled on a pool of threads (each runs
+    the C compiler in a subprocess) as soon as the loss is generated."""
+
+    def __init__(self, cache: Path, name: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cache, self.name, self.cmd = cache, name, compiler_command()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.pool = ThreadPoolExecutor(max_workers=cores or 1)
+        self.items: list = []  # (object path, future or None), in spec order
+        self.fresh = 0
+
+    def submit(self, source: KernelSource):
+        from .codegen import object_source
+
+        text = object_source(source, self.name)
+        h = hashlib.sha256("\0".join([*self.cmd, text]).encode()).hexdigest()[:24]
+        obj = self.cache / f"{source.name}-{h}.o"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        for stale in self.cache.glob(f"{source.name}-*.o"):  # older versions of this loss
+            if stale != obj:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        future = None
+        if not obj.is_file():
+            future = self.pool.submit(_compile_object, self.cmd, source, text, obj)
+            self.fresh += 1
+        self.items.append((obj, future))
+
+    def wait(self) -> list[Path]:
+        """Every object, or BuildError with the first failure in spec order."""
+        errors = [f.result() for _, f in self.items if f is not None]
+        first = next((e for e in errors if e), None)
+        if first:
+            raise BuildError(first)
+        return [obj for obj, _ in self.items]
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _compile_object(cmd, source, text: str, obj: Path):
+    """Compile one loss's translation unit; None, or the error message naming its spec."""
+    src = obj.with_name(f".{obj.stem}.{os.getpid()}.{threading.get_ident()}.c")
+    tmp = src.with_suffix(".o")
+    try:
+        src.write_text(text)
+        try:
+            run = subprocess.run([*cmd, "-c", str(src), "-o", str(tmp)], capture_output=True, text=True)
+        except OSError as exc:  # no such compiler
+            return f"C compiler failed: cannot run {cmd[0]}: {exc.strerror or exc}"
+        if run.returncode != 0:
+            first = next((ln for ln in run.stderr.splitlines() if "error" in ln), "") \
+                or run.stderr.strip() or f"exit status {run.returncode}"
+            return f"C compiler failed on the kernels of {source.meta['spec']} ({source.name}): {first.strip()}"
+        os.replace(tmp, obj)
+        return None
+    finally:
+        for f in (src, tmp):
+            with contextlib.suppress(OSError):
+                f.unlink()
 
 
 def _publish(folder: Path, target: Path) -> str | None:
@@ -257,22 +358,3 @@ class _Reader:
         self.f.flush()
         self.f.seek(0)
         return self.f.read().decode("utf-8", "replace")
-
-
-def _compiler_message(stderr: str, work: Path, name: str, exc) -> str:
-    """The first compiler error, attributed to the spec whose kernels contain its line (in
-    the file cffi compiled, which has cffi's own prelude in front of our source)."""
-    first = next((ln for ln in stderr.splitlines() if "error" in ln), "") or str(exc)
-    culprit = None
-    m = re.search(r"_kernels\.c:(\d+):", first)
-    compiled = work / "cffi" / name / "_kernels.c"
-    if m and compiled.is_file():
-        lines = compiled.read_text(errors="replace").splitlines()[:int(m.group(1))]
-        for ln in reversed(lines):
-            hit = re.match(r"/\* ---- (\w+): from (.*) \(template", ln)
-            if hit:
-                culprit = f"{hit.group(2)} ({hit.group(1)})"
-                break
-    if culprit is None:  # not about one loss: no compiler, a bad flag, a link error
-        return f"C compiler failed: {first.strip()}"
-    return f"C compiler failed on the kernels of {culprit}: {first.strip()}"

@@ -899,9 +899,17 @@ def runtime_meta(sym: SymbolicLoss) -> dict:
 
 
 def module_source(sources: list, name: str, cache_key: str) -> tuple[str, str]:
-    """The whole extension module's C source and cdef, from every loss's KernelSource."""
+    """The whole extension module's C source (every loss's kernels after one prelude, the
+    file a reader opens) and its cdef."""
     env = template_env()
     c = env.get_template("module.c.j2").render(
         sources=sources, name=name, version=__version__, cache_key=cache_key)
     cdef = "\n".join(s.cdef for s in sources)
     return c, cdef
+
+
+def object_source(source, name: str) -> str:
+    """One loss's translation unit: the prelude and its kernels (build.py compiles one object
+    per loss). It names no module cache key, so an unchanged loss keeps its cached object."""
+    return template_env().get_template("module.c.j2").render(
+        sources=[source], name=name, version=__version__, cache_key=None)

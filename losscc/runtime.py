@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import numbers
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,46 @@ from .ir import MANIFEST_FORMAT, bound_error, variant_key
 
 REDUCTIONS = ("none", "mean", "sum")
 _POINTER = {np.dtype(np.float32): "float *", np.dtype(np.float64): "double *"}
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def _default_threads() -> int:
+    env = os.environ.get("LOSSCC_NUM_THREADS")
+    if env is not None:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"LOSSCC_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_threads: int | None = None
+
+
+def get_num_threads() -> int:
+    """Threads a kernel call may use: set_num_threads(n), else $LOSSCC_NUM_THREADS, else
+    the cores this process may run on."""
+    global _threads
+    if _threads is None:
+        _threads = _default_threads()
+    return _threads
+
+
+def set_num_threads(n: int) -> None:
+    """Use at most `n` threads per kernel call (1: only the caller's thread). Kernels split
+    a batch across threads above about 10^5 elements; results are the same bits for any n."""
+    global _threads
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive integer, got {n!r}")
+    _threads = int(n)
 
 
 # --------------------------------------------------------------------------- loading
@@ -419,7 +460,7 @@ class Loss:
         keep: list = []
         # (name, array as the kernel reads it, (shape given, shape broadcast from))
         arrays = [(first, pred, (shape, shape))]
-        args = [nb, nf, nc, *layout.operand3(ffi, ptype, pred, keep)]
+        args = [get_num_threads(), nb, nf, nc, *layout.operand3(ffi, ptype, pred, keep)]
         for inp in self._inputs[1:]:
             name, kind = inp["name"], self._kinds[inp["name"]]
             value = a.get(name)
@@ -521,7 +562,7 @@ class Loss:
     def _launch(self, mode, dtype, axis, nb, nf, arrays, vscale, gscale, vout, gouts, hout):
         ffi = self._ffi
         ptype = _POINTER[dtype]
-        args = [nb, nf]
+        args = [get_num_threads(), nb, nf]
         keep = []  # contiguous copies must outlive the call: the kernel gets raw addresses
         for _, arr, _ in arrays:
             args += _operand(ffi, ptype, arr, axis, keep)
@@ -535,7 +576,7 @@ class Loss:
         if hout is not None:
             args += hout.operand(ffi, ptype, axis)
         status = self._kernels[f"{mode}_{dtype.name}"](*args)
-        if status != 0:  # elementwise kernels have no failure mode today; keep the contract
+        if status != 0:  # elementwise kernels have no failure mode; keep the contract
             raise RuntimeError(f"{self._display}: kernel returned status {status}")
         for o in (vout, hout, *gouts):
             if o is not None:

@@ -123,9 +123,10 @@ def _kernel_count() -> int:
     return sum((4 if s.is_row else 6) * len(s.variant_combos()) for s in specs)
 
 
-def _assert_built(run, derived):
+def _assert_built(run, derived, recompiled):
     """A build that compiled: one line per loss ('derived' for those in `derived`, else
-    'cached'), the compile line and the summary."""
+    'cached'), the compile line (with how many loss objects were compiled again) and the
+    summary."""
     assert run.returncode == 0 and run.stderr == ""
     n = len(NAMES)
     assert len(run.lines) == n + 2
@@ -134,12 +135,13 @@ def _assert_built(run, derived):
             assert re.fullmatch(rf"  {name}: derived \(\d+\.\d\d s\)", line), line
         else:
             assert line == f"  {name}: cached"
-    assert re.fullmatch(rf"  compiled {_kernel_count()} kernels in \d+\.\d s", run.lines[n])
+    assert re.fullmatch(rf"  compiled {_kernel_count()} kernels in \d+\.\d s, derivations included "
+                        rf"\({recompiled} of {n} losses recompiled\)", run.lines[n])
     assert re.fullmatch(rf"out/mymod: built {n} losses in \d+\.\d s", run.lines[n + 1])
 
 
 def test_first_build_derives_every_loss(session):
-    _assert_built(session.first, derived=NAMES)
+    _assert_built(session.first, derived=NAMES, recompiled=len(NAMES))
 
 
 def test_rerun_with_nothing_changed_is_up_to_date(session):
@@ -154,7 +156,8 @@ def test_rerun_with_nothing_changed_is_up_to_date(session):
 
 
 def test_editing_one_spec_rederives_only_it(session):
-    _assert_built(session.edited, derived={"l1"})
+    # l1 is derived again, but its C is the same (a comment changed): its object is reused
+    _assert_built(session.edited, derived={"l1"}, recompiled=0)
     assert session.links[2] != session.links[1]  # a new cache key, a new folder
 
 
@@ -218,7 +221,8 @@ def test_force_rebuilds_and_verbose_shows_the_derivatives(small):
     assert re.fullmatch(r"  l2: derived \(\d+\.\d\d s\)", run.lines[0])
     # d/dpred of 0.5 * (pred - label)**2 is pred - label; the second derivative is 1
     assert run.lines[1:3] == ["    [base] d/dpred: -x_label + x_pred", "    [base] d2/dpred2: 1"]
-    assert re.fullmatch(r"  compiled 6 kernels in \d+\.\d s", run.lines[3])
+    assert re.fullmatch(r"  compiled 6 kernels in \d+\.\d s, derivations included \([01] of 1 loss recompiled\)",
+                        run.lines[3])
     assert re.fullmatch(r"out/one: built 1 loss in \d+\.\d s", run.lines[4])
     again = cli("build", "specs", "--out", "out", "--name", "one", cwd=small)
     assert again.lines == ["  l2: up to date", again.lines[1]]
