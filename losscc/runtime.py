@@ -30,7 +30,7 @@ from .errors import LoadError
 from .ir import MANIFEST_FORMAT, bound_error, variant_key
 
 REDUCTIONS = ("none", "mean", "sum")
-_POINTER = {np.dtype(np.float32): "float *", np.dtype(np.float64): "double *"}
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes that have kernels
 
 
 # --------------------------------------------------------------------------- threads
@@ -275,6 +275,8 @@ class Loss:
         self._diff = [i["name"] for i in self._inputs if i["differentiable"]]
         self._wrt = tuple(i["name"] for i in self._inputs if i["differentiable"] and not i.get("optional_grad"))
         self._rows = self._meta["shape"] == "rows"
+        self._required = [i["name"] for i in self._inputs if i["default"] is None]
+        self._plans: dict = {}  # (mode, shape, dtype) -> _Plan or None, for _fast
         if self._rows:
             self._kinds = kernels["kinds"]
             axis = a["axis"]
@@ -323,17 +325,29 @@ class Loss:
 
     def __call__(self, *args, out=None, **kwargs):
         """The loss: per sample (reduction='none'), or its sum or mean."""
+        if out is None and not kwargs:
+            fast = self._fast("v", args, True)
+            if fast is not None:
+                return fast[0]
         value, _, _ = self._run("v", args, kwargs, out=out)
         return value
 
     def grad(self, *args, grad_out=None, wrt=None, **kwargs):
         """d loss / d pred (a tuple over the differentiable inputs if there are several;
         `wrt` names the inputs wanted, including opt-in ones)."""
+        if grad_out is None and wrt is None and not kwargs:
+            fast = self._fast("vg", args, False)
+            if fast is not None:
+                return fast[1]
         _, grads, _ = self._run("vg", args, kwargs, grad_out=grad_out, want_value=False, wrt=wrt)
         return grads
 
     def value_and_grad(self, *args, out=None, grad_out=None, wrt=None, **kwargs):
         """(loss, gradient) from one fused pass over the data."""
+        if out is None and grad_out is None and wrt is None and not kwargs:
+            fast = self._fast("vg", args, True)
+            if fast is not None:
+                return fast
         value, grads, _ = self._run("vg", args, kwargs, out=out, grad_out=grad_out, wrt=wrt)
         return value, grads
 
@@ -358,6 +372,34 @@ class Loss:
             raise ValueError(f"{self._display}: wrt must name distinct inputs, got {wrt!r}")
         return tuple(n for n in self._diff if n in names)
 
+    # -- the common call, fast ---------------------------------------------------
+
+    def _fast(self, mode, args, want_value):
+        """(value, gradients) for the common call -- the required inputs only, positional,
+        C-contiguous arrays of the prediction's dtype and shape (class labels: int64, the
+        shape without the class axis), batch axis 0 and a row loss's class axis last --
+        with what `_run` would work out per call looked up in a plan made once per (mode,
+        shape, dtype); None for any other call, which `_run` then handles (errors
+        included). The same kernel and arguments as `_run`: the same results, bit for bit."""
+        if len(args) != len(self._required) or not args:
+            return None
+        pred = args[0]
+        if pred.__class__ is not np.ndarray:
+            return None
+        key = (mode, pred.shape, pred.dtype)
+        plan = self._plans.get(key, False)
+        if plan is False:
+            if len(self._plans) > 64:  # many shapes: plans are cheap to make again
+                self._plans.clear()
+            plan = self._plans[key] = _Plan.make(self, mode, pred.shape, pred.dtype)
+        if plan is None:
+            return None
+        for a, (shape, dtype) in zip(args, plan.expect):
+            if a.__class__ is not np.ndarray or a.dtype is not dtype or a.shape != shape \
+                    or not a.flags.c_contiguous:
+                return None
+        return plan.run(self, args, want_value)
+
     # -- the one code path -----------------------------------------------------
 
     def _run(self, mode, args, kwargs, out=None, grad_out=None, hess_out=None, want_value=True,
@@ -372,7 +414,7 @@ class Loss:
             return self._run_rows(mode, a, out, grad_out, want_value, wanted)
         first = self._inputs[0]["name"]
         pred = _native(_as_array(a[first], first, self._display))
-        if pred.dtype not in _POINTER:  # the dtypes that have kernels
+        if pred.dtype not in _DTYPES:
             raise TypeError(f"{self._display}: {first} must be float32 or float64, got {pred.dtype}; "
                             f"convert it with .astype(np.float32) or .astype(np.float64)")
         if pred.ndim == 0:
@@ -449,33 +491,32 @@ class Loss:
         who = self._display
         first = self._inputs[0]["name"]
         pred = _native(_as_array(a[first], first, who))
-        if pred.dtype not in _POINTER:
+        if pred.dtype not in _DTYPES:
             raise TypeError(f"{who}: {first} must be float32 or float64, got {pred.dtype}; "
                             f"convert it with .astype(np.float32) or .astype(np.float64)")
         layout = _RowLayout(who, first, pred.shape, self.batch_axis, self.axis)
         dtype, shape = pred.dtype, pred.shape
         nb, nf, nc = layout.nb, layout.nf, layout.nc
-        ptype = _POINTER[dtype]
         ffi = self._ffi
         keep: list = []
         # (name, array as the kernel reads it, (shape given, shape broadcast from))
         arrays = [(first, pred, (shape, shape))]
-        args = [get_num_threads(), nb, nf, nc, *layout.operand3(ffi, ptype, pred, keep)]
+        args = [get_num_threads(), nb, nf, nc, *layout.operand3(ffi, pred, keep)]
         for inp in self._inputs[1:]:
             name, kind = inp["name"], self._kinds[inp["name"]]
             value = a.get(name)
             if kind == "row":
                 arr, orig = self._row_input(name, value, inp["default"], dtype, layout,
                                             like_pred=inp["default"] is None)
-                args += layout.operand3(ffi, ptype, arr, keep)
+                args += layout.operand3(ffi, arr, keep)
             else:
                 arr, given = self._per_row(name, value, inp["default"], dtype, layout, index=(kind == "index"))
-                args += layout.operand2(ffi, "int64_t *" if kind == "index" else ptype, arr, keep)
+                args += layout.operand2(ffi, arr, keep)
                 orig = (given, given)
             arrays.append((name, arr, orig))
         sw, _ = self._per_row("sample_weight", a.get("sample_weight"), 1.0, dtype, layout, index=False)
         arrays.append(("sample_weight", sw, ((), ())))
-        args += layout.operand2(ffi, ptype, sw, keep)
+        args += layout.operand2(ffi, sw, keep)
         args += list(self.params.values())
 
         vscale, gscale = self._scales(nb, nf)
@@ -486,22 +527,20 @@ class Loss:
             for name, g in zip(wanted, given):
                 gouts[name] = _output(g, "grad_out", shape, dtype, arrays, who, None)
         _check_disjoint(who, [("out", vout), *(("grad_out", g) for g in gouts.values())])
-        total = ffi.new("double *")
-        bad = ffi.new("int64_t[3]")
+        status = ffi.new("int64_t[4]")  # {code, sample, row, class index}
         args += [vscale, gscale]
-        args += vout.operand(ffi, ptype, 0)[:2] if vout is not None else [ffi.NULL, 0]
-        args += [total, bad]
+        args += vout.operand(ffi, 0)[:2] if vout is not None else [ffi.NULL, 0]
+        args.append(status)
         if "g" in mode:
             for name in self._diff:
-                args += layout.output3(ffi, ptype, gouts[name]) if name in gouts else [ffi.NULL, 0, 0, 0]
+                args += layout.output3(ffi, gouts[name]) if name in gouts else [ffi.NULL, 0, 0, 0]
         result = math.nan if (nb and not nf) else 0.0
         if nb and nf:
-            status = self._kernels[f"{mode}_{dtype.name}"](*args)
-            if status == 1:
-                raise IndexError(layout.bad_index(self._inputs, self._kinds, arrays, bad, self.params))
-            if status != 0:
-                raise RuntimeError(f"{who}: kernel returned status {status}")
-            result = total[0]
+            result = self._kernels[f"{mode}_{dtype.name}"](*args)
+            if status[0] == 1:
+                raise IndexError(layout.bad_index(self._inputs, self._kinds, arrays, status[1:4], self.params))
+            if status[0] != 0:
+                raise RuntimeError(f"{who}: kernel returned status {status[0]}")
             for o in (vout, *gouts.values()):
                 if o is not None:
                     o.finish()
@@ -561,27 +600,139 @@ class Loss:
 
     def _launch(self, mode, dtype, axis, nb, nf, arrays, vscale, gscale, vout, gouts, hout):
         ffi = self._ffi
-        ptype = _POINTER[dtype]
         args = [get_num_threads(), nb, nf]
         keep = []  # contiguous copies must outlive the call: the kernel gets raw addresses
         for _, arr, _ in arrays:
-            args += _operand(ffi, ptype, arr, axis, keep)
+            args += _operand(ffi, arr, axis, keep)
         args += list(self.params.values())
-        total = ffi.new("double *")
         args += [vscale, gscale]
-        args += vout.operand(ffi, ptype, 0)[:2] if vout is not None else [ffi.NULL, 0]
-        args.append(total)
+        args += vout.operand(ffi, 0)[:2] if vout is not None else [ffi.NULL, 0]
         for g in gouts:
-            args += g.operand(ffi, ptype, axis)
+            args += g.operand(ffi, axis)
         if hout is not None:
-            args += hout.operand(ffi, ptype, axis)
-        status = self._kernels[f"{mode}_{dtype.name}"](*args)
-        if status != 0:  # elementwise kernels have no failure mode; keep the contract
-            raise RuntimeError(f"{self._display}: kernel returned status {status}")
+            args += hout.operand(ffi, axis)
+        total = self._kernels[f"{mode}_{dtype.name}"](*args)  # elementwise kernels cannot fail
         for o in (vout, hout, *gouts):
             if o is not None:
                 o.finish()
-        return total[0]
+        return total
+
+
+# --------------------------------------------------------------------------- the fast path
+
+
+class _Plan:
+    """What `Loss._fast` calls a kernel with, for one (mode, shape, dtype): the kernel, the
+    sizes, strides and scales, the shape and dtype each argument must have, and the absent
+    inputs' defaults (read-only 0-d arrays, their addresses taken once). Immutable once
+    made: one loss object may be called from many threads at once."""
+
+    __slots__ = ("fn", "sizes", "strides", "expect", "slots", "tail", "vshape", "shape", "dtype",
+                 "reduction", "grads", "keep", "wanted", "rows")
+
+    @classmethod
+    def make(cls, loss, mode, shape, dtype):
+        ndim = len(shape)
+        if dtype not in _DTYPES or not ndim or 0 in shape or loss.batch_axis not in (0, -ndim):
+            return None  # _run's general path: other layouts, empty arrays
+        self = cls()
+        ffi = loss._ffi
+        self.fn = loss._kernels[f"{mode}_{dtype.name}"]
+        self.rows = loss._rows
+        self.shape, self.dtype, self.reduction, self.keep = shape, dtype, loss.reduction, []
+        nb = shape[0]
+        if self.rows:  # (sample, row, class) with the class axis last (or every non-batch axis)
+            if ndim < 2 and loss.axis is not None or loss.axis not in (None, -1, ndim - 1):
+                return None
+            nc = math.prod(shape[1:]) if loss.axis is None else shape[-1]
+            nf = math.prod(shape[1:]) // nc if nc else 0
+            if not nf or not nc:
+                return None
+            self.sizes = (nb, nf, nc)
+            full, per_row = (nf * nc, nc, 1), (nf, 1 if nf > 1 else 0)
+            row_shape = (nb,) if loss.axis is None else shape[:-1]
+        else:
+            nf = math.prod(shape) // nb
+            self.sizes = (nb, nf)
+            full = (nf, 1 if nf > 1 else 0)
+        self.strides = full
+        expect, self.slots = {}, []  # per input: its position in the call, or its default
+        for inp in loss._inputs:
+            kind = loss._kinds[inp["name"]] if self.rows else "full"
+            if inp["default"] is None:
+                position = loss._required.index(inp["name"])
+                if kind in ("full", "row"):
+                    self.slots.append((position, full))
+                    expect[position] = (shape, dtype)
+                else:
+                    self.slots.append((position, per_row))
+                    expect[position] = (row_shape, np.dtype(np.int64) if kind == "index" else dtype)
+            else:
+                d = np.full((), inp["default"], np.int64 if kind == "index" else dtype)
+                d.flags.writeable = False
+                self.keep.append(d)
+                self.slots.append((ffi.from_buffer(d), (0,) * (3 if kind == "row" else 2)))
+        self.expect = [expect[i] for i in range(len(loss._required))]
+        sw = np.full((), 1.0, dtype)
+        sw.flags.writeable = False
+        self.keep.append(sw)
+        vscale, gscale = loss._scales(nb, nf)
+        self.tail = [ffi.from_buffer(sw), 0, 0, *loss.params.values(), vscale, gscale]
+        self.vshape = (nb,)
+        wanted = loss._wrt
+        if "g" not in mode:
+            self.grads = ()
+        elif self.rows:  # a row kernel skips the gradients it is given no buffer for
+            self.grads = tuple(n in wanted for n in loss._diff)
+        else:  # an elementwise kernel writes every gradient
+            self.grads = (True,) * len(loss._diff)
+        self.wanted = [i for i, n in enumerate(loss._diff) if n in wanted]
+        return self
+
+    def run(self, loss, args, want_value):
+        ffi = loss._ffi
+        addr = ffi.from_buffer
+        call = [get_num_threads(), *self.sizes]
+        for slot, strides in self.slots:
+            if slot.__class__ is int:
+                call.append(addr(args[slot]))
+            else:
+                call.append(slot)  # an absent input's default
+            call += strides
+        call += self.tail
+        vout = None
+        if want_value and self.reduction == "none":
+            vout = np.empty(self.vshape, self.dtype)
+            call += (addr(vout), 1)
+        else:
+            call += (ffi.NULL, 0)
+        if self.rows:
+            status = ffi.new("int64_t[4]")
+            call.append(status)
+        grads = []
+        for given in self.grads:
+            if given:
+                g = np.empty(self.shape, self.dtype)
+                grads.append(g)
+                call.append(addr(g))
+                call += self.strides
+            else:
+                grads.append(None)
+                call += (ffi.NULL, 0, 0, 0)
+        total = self.fn(*call)
+        if self.rows and status[0] != 0:
+            return None  # a bad class index: _run calls again and says where
+        if vout is not None:
+            value = vout
+        elif want_value:
+            value = self.dtype.type(total / self.sizes[0] if self.reduction == "mean" else total)
+        else:
+            value = None
+        if not grads:
+            return value, None
+        if len(self.wanted) == 1:
+            return value, grads[self.wanted[0]]
+        return value, tuple(grads[i] for i in self.wanted)
 
 
 # --------------------------------------------------------------------------- row layout
@@ -627,22 +778,22 @@ class _RowLayout:
             moved = np.moveaxis(arr, (self.bax, self.axis), (0, -1))
         return moved.reshape(self.nb, self.nf, self.nc)
 
-    def operand3(self, ffi, ptype, arr, keep):
+    def operand3(self, ffi, arr, keep):
         if arr.ndim == 0:  # an absent optional input: its default, stride 0 everywhere
             keep.append(arr)
-            return [ffi.cast(ptype, arr.ctypes.data), 0, 0, 0]
+            return [_address(ffi, arr), 0, 0, 0]
         v = _aligned(self.view3(arr), keep)
-        return [ffi.cast(ptype, v.ctypes.data), *_elem_strides(v)]
+        return [_address(ffi, v), *_elem_strides(v)]
 
-    def operand2(self, ffi, ptype, arr, keep):
+    def operand2(self, ffi, arr, keep):
         if arr.ndim == 0:  # an absent optional input: its default, stride 0 everywhere
             keep.append(arr)
-            return [ffi.cast(ptype, arr.ctypes.data), 0, 0]
+            return [_address(ffi, arr), 0, 0]
         v = np.moveaxis(arr, self.rows_bax, 0).reshape(self.nb, self.nf)
         v = _aligned(v, keep)
-        return [ffi.cast(ptype, v.ctypes.data), *_elem_strides(v)]
+        return [_address(ffi, v), *_elem_strides(v)]
 
-    def output3(self, ffi, ptype, out: "_Out"):
+    def output3(self, ffi, out: "_Out"):
         """The kernel's pointer and strides for a gradient output; a temporary when the
         output's memory cannot be walked as (sample, row, class)."""
         try:
@@ -654,7 +805,7 @@ class _RowLayout:
         except ValueError:  # written batch-first, copied back by out.finish()
             out.view, out.tmp = moved, np.empty(moved.shape, out.arr.dtype)
             v = out.tmp.reshape(self.nb, self.nf, self.nc)
-        return [ffi.cast(ptype, v.ctypes.data), *_elem_strides(v)]
+        return [_address(ffi, v), *_elem_strides(v)]
 
     def to_rows(self, name, arr):
         """A per-row array broadcast to the rows' shape."""
@@ -706,6 +857,14 @@ def _aligned(v, keep):
         v = np.ascontiguousarray(v)
     keep.append(v)
     return v
+
+
+def _address(ffi, arr):
+    """The address of arr's first element, for a `void *` kernel argument. from_buffer is
+    ten times faster than arr.ctypes.data and keeps arr alive, but needs contiguous memory."""
+    if arr.flags.c_contiguous:
+        return ffi.from_buffer(arr)
+    return ffi.cast("void *", arr.ctypes.data)
 
 
 def _elem_strides(v):
@@ -782,20 +941,20 @@ def _collapse(arr, axis):
     return sb, rest[-1][1]
 
 
-def _operand(ffi, ptype, arr, axis, keep: list):
+def _operand(ffi, arr, axis, keep: list):
     """(pointer, stride over samples, stride over features) for a read-only operand; any
     copy made is appended to `keep`, which the caller holds until the kernel returns."""
     if arr.ndim == 0:
         if not arr.flags.aligned:
             arr = np.array(arr)
             keep.append(arr)
-        return [ffi.cast(ptype, arr.ctypes.data), 0, 0]
+        return [_address(ffi, arr), 0, 0]
     st = _collapse(arr, axis)
     if st is None:  # unaligned, or a broadcast mixing zero and non-zero feature strides
         arr = np.array(np.moveaxis(arr, axis, 0), order="C")  # a fresh, aligned copy
         keep.append(arr)
         st = _collapse(arr, 0)
-    return [ffi.cast(ptype, arr.ctypes.data), st[0], st[1]]
+    return [_address(ffi, arr), st[0], st[1]]
 
 
 class _Out:
@@ -808,14 +967,14 @@ class _Out:
         self.tmp = None
         self.view = None
 
-    def operand(self, ffi, ptype, axis):
+    def operand(self, ffi, axis):
         st = _collapse(self.arr, axis)
         target = self.arr
         if st is None:
             self.view = np.moveaxis(self.arr, axis, 0)
             self.tmp = target = np.empty(self.view.shape, self.arr.dtype)
             st = _collapse(target, 0)
-        return [ffi.cast(ptype, target.ctypes.data), st[0], st[1]]
+        return [_address(ffi, target), st[0], st[1]]
 
     def finish(self):
         if self.tmp is not None:
