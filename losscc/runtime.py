@@ -325,8 +325,8 @@ class Loss:
 
     def __call__(self, *args, out=None, **kwargs):
         """The loss: per sample (reduction='none'), or its sum or mean."""
-        if out is None and not kwargs:
-            fast = self._fast("v", args, True)
+        if not kwargs:
+            fast = self._fast("v", args, True, out)
             if fast is not None:
                 return fast[0]
         value, _, _ = self._run("v", args, kwargs, out=out)
@@ -335,8 +335,8 @@ class Loss:
     def grad(self, *args, grad_out=None, wrt=None, **kwargs):
         """d loss / d pred (a tuple over the differentiable inputs if there are several;
         `wrt` names the inputs wanted, including opt-in ones)."""
-        if grad_out is None and wrt is None and not kwargs:
-            fast = self._fast("vg", args, False)
+        if wrt is None and not kwargs:
+            fast = self._fast("vg", args, False, None, grad_out)
             if fast is not None:
                 return fast[1]
         _, grads, _ = self._run("vg", args, kwargs, grad_out=grad_out, want_value=False, wrt=wrt)
@@ -344,8 +344,8 @@ class Loss:
 
     def value_and_grad(self, *args, out=None, grad_out=None, wrt=None, **kwargs):
         """(loss, gradient) from one fused pass over the data."""
-        if out is None and grad_out is None and wrt is None and not kwargs:
-            fast = self._fast("vg", args, True)
+        if wrt is None and not kwargs:
+            fast = self._fast("vg", args, True, out, grad_out)
             if fast is not None:
                 return fast
         value, grads, _ = self._run("vg", args, kwargs, out=out, grad_out=grad_out, wrt=wrt)
@@ -374,10 +374,11 @@ class Loss:
 
     # -- the common call, fast ---------------------------------------------------
 
-    def _fast(self, mode, args, want_value):
+    def _fast(self, mode, args, want_value, out=None, grad_out=None):
         """(value, gradients) for the common call -- the required inputs only, positional,
         C-contiguous arrays of the prediction's dtype and shape (class labels: int64, the
-        shape without the class axis), batch axis 0 and a row loss's class axis last --
+        shape without the class axis), batch axis 0 and a row loss's class axis last, and
+        `out=`/`grad_out=` buffers that are C-contiguous, writable and apart from the rest --
         with what `_run` would work out per call looked up in a plan made once per (mode,
         shape, dtype); None for any other call, which `_run` then handles (errors
         included). The same kernel and arguments as `_run`: the same results, bit for bit."""
@@ -398,7 +399,7 @@ class Loss:
             if a.__class__ is not np.ndarray or a.dtype is not dtype or a.shape != shape \
                     or not a.flags.c_contiguous:
                 return None
-        return plan.run(self, args, want_value)
+        return plan.run(self, args, want_value, out, grad_out)
 
     # -- the one code path -----------------------------------------------------
 
@@ -689,7 +690,25 @@ class _Plan:
         self.wanted = [i for i, n in enumerate(loss._diff) if n in wanted]
         return self
 
-    def run(self, loss, args, want_value):
+    def _buffer(self, given, shape, args):
+        """A caller's output buffer this plan may write as it is, or None (then _run takes the
+        call, and says what is wrong with the buffer if anything is)."""
+        if given.__class__ is not np.ndarray or given.dtype is not self.dtype or given.shape != shape \
+                or not given.flags.c_contiguous or not given.flags.writeable:
+            return None
+        for a in args:
+            if np.may_share_memory(given, a):
+                return None
+        return given
+
+    def run(self, loss, args, want_value, out=None, grad_out=None):
+        if out is not None:
+            if self.reduction != "none" or self._buffer(out, self.vshape, args) is None:
+                return None
+        if grad_out is not None:
+            if len(self.wanted) != 1 or self._buffer(grad_out, self.shape, args) is None \
+                    or (out is not None and np.may_share_memory(out, grad_out)):
+                return None
         ffi = loss._ffi
         addr = ffi.from_buffer
         call = [get_num_threads(), *self.sizes]
@@ -702,7 +721,7 @@ class _Plan:
         call += self.tail
         vout = None
         if want_value and self.reduction == "none":
-            vout = np.empty(self.vshape, self.dtype)
+            vout = np.empty(self.vshape, self.dtype) if out is None else out
             call += (addr(vout), 1)
         else:
             call += (ffi.NULL, 0)
@@ -710,9 +729,9 @@ class _Plan:
             status = ffi.new("int64_t[4]")
             call.append(status)
         grads = []
-        for given in self.grads:
+        for k, given in enumerate(self.grads):
             if given:
-                g = np.empty(self.shape, self.dtype)
+                g = grad_out if grad_out is not None and k == self.wanted[0] else np.empty(self.shape, self.dtype)
                 grads.append(g)
                 call.append(addr(g))
                 call += self.strides

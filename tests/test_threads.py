@@ -173,3 +173,35 @@ def test_the_fast_path_gives_the_general_paths_bits(losses, dtype, reduction):
         assert type(fast[0]) is type(general[0])
         np.testing.assert_array_equal(loss(pred, label), loss(pred, label, sample_weight=None))
         np.testing.assert_array_equal(loss.grad(pred, label), loss.grad(pred, label, sample_weight=None))
+        # the caller's buffers: written in place, the same bits
+        g = np.full_like(pred, np.nan)
+        v = np.full(pred.shape[0], np.nan, dtype) if reduction == "none" else None
+        value, grad = loss.value_and_grad(pred, label, out=v, grad_out=g)
+        assert grad is g and (v is None or value is v)
+        np.testing.assert_array_equal(g, general[1])
+        np.testing.assert_array_equal(value, general[0])
+
+
+def test_the_fast_path_leaves_bad_buffers_to_the_general_paths_errors(losses):
+    pred, label, _ = _inputs(np.float64, (100,))
+    loss = losses.L2Loss()
+    with pytest.raises(ValueError, match="grad_out overlaps the input 'pred'"):
+        loss.value_and_grad(pred, label, grad_out=pred)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        loss.value_and_grad(pred, label, grad_out=np.empty(100, np.float32))
+    frozen = np.empty(100)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        loss(pred, label, out=frozen)
+    g = np.empty(100)
+    with pytest.raises(ValueError, match="out and grad_out share memory"):
+        loss.value_and_grad(pred, label, out=g, grad_out=g)
+    with pytest.raises(ValueError, match="out= holds per-sample values and needs reduction='none'"):
+        losses.L2Loss(reduction="mean")(pred, label, out=np.empty(100))
+    # a row loss: int32 labels and a non-contiguous prediction take the general path, same bits
+    ce = losses.SoftmaxCrossEntropyLoss()
+    x = np.asfortranarray(np.random.default_rng(5).standard_normal((50, 4)))
+    y = np.arange(50) % 4
+    fast = ce.value_and_grad(np.ascontiguousarray(x), y)
+    for a, b in zip(fast, ce.value_and_grad(x, y.astype(np.int32))):
+        np.testing.assert_array_equal(a, b)
