@@ -9,6 +9,7 @@ once per element.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -321,7 +322,7 @@ class LossCPrinter(C99CodePrinter):
             if sum(1 for t in terms if not t.is_Number and reads_input(t, self.input_temps)) >= 2:
                 parts = terms[:2] + ([sympy.Add(*terms[2:])] if len(terms) > 2 else [])
                 return self.helper(f"lcc_exp_sum{len(parts)}", *parts)
-        return f"exp({self._print(arg)})"
+        return f"lcc_exp({self._print(arg)})"  # prelude.h.j2: libm's accuracy, vectorizable
 
     def _print_log(self, expr):
         """log-near-1 and log-scaled (the class docstring)."""
@@ -624,11 +625,39 @@ def kernel_body(cse_result, mode: str) -> tuple:
 
 
 def template_env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True, autoescape=False,
     )
+    env.globals["exp_table"] = exp_table()
+    return env
+
+
+EXP_TABLE_BITS = 7
+
+
+@functools.lru_cache(maxsize=None)
+def exp_table() -> tuple:
+    """prelude.h.j2's table for lcc_exp, per k < N = 2^EXP_TABLE_BITS: (tail, sbits) with H
+    the double nearest 2^(k/N), sbits = H's bits - (k << (52 - EXP_TABLE_BITS)) (so adding
+    ki << 45 for any ki = k mod N gives the bits of H * 2^((ki - k)/N)), and tail the double
+    nearest (2^(k/N) - H) / H; as C literals, from mpmath at 200 bits (the construction of
+    ARM's optimized-routines exp)."""
+    import struct
+
+    import mpmath
+
+    n = 1 << EXP_TABLE_BITS
+    rows = []
+    with mpmath.workprec(200):
+        for k in range(n):
+            exact = mpmath.power(2, mpmath.mpf(k) / n)
+            h = float(exact)
+            tail = float((exact - h) / h)
+            bits = struct.unpack("<Q", struct.pack("<d", h))[0] - (k << (52 - EXP_TABLE_BITS))
+            rows.append((tail.hex(), f"UINT64_C(0x{bits:016x})"))
+    return tuple(rows)
 
 
 def generate(sym: SymbolicLoss) -> KernelSource:

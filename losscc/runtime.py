@@ -23,6 +23,7 @@ import numbers
 import os
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -246,7 +247,9 @@ class Loss:
             raise TypeError(f"{self._display}(): {exc} (accepted: {self._ctor_sig})") from None
         bound.apply_defaults()
         a = bound.arguments
-        self.params = {p["name"]: self._check_param(p, a[p["name"]]) for p in self._meta["params"]}
+        # read-only: a new value is a new loss object (the fast path's plans depend on them)
+        self.params = MappingProxyType({p["name"]: self._check_param(p, a[p["name"]])
+                                        for p in self._meta["params"]})
         for inp in self._meta["inputs"]:  # a class to ignore is compared with int64 labels
             value = self.params.get(inp.get("ignore"))
             if value is not None and not (value.is_integer() and abs(value) < 2.0**53):
@@ -284,6 +287,13 @@ class Loss:
                 raise TypeError(f"{self._display}: axis must be an int or None (every non-batch axis), "
                                 f"got {axis!r}")
             self.axis = None if axis is None else int(axis)
+
+    _CONFIG = frozenset({"weight", "batch_axis", "reduction", "axis", "params"})
+
+    def __setattr__(self, name, value):
+        if name in self._CONFIG:  # a plan made with the old value must not be used again
+            self.__dict__["_plans"] = {}
+        object.__setattr__(self, name, value)
 
     def _check_param(self, p, value):
         if not _is_real(value):

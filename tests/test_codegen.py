@@ -91,7 +91,7 @@ def test_add_keeps_literal_with_the_input_before_parameters():
     (x ** sympy.Rational(5, 2), "pow(x_pred, 2.5)"),
     (sympy.Rational(1, 3) * x, "(0.3333333333333333)*x_pred"),
     (sympy.pi * x, "3.141592653589793*x_pred"),
-    (sympy.exp(x), "exp(x_pred)"),
+    (sympy.exp(x), "lcc_exp(x_pred)"),
     (Sigmoid(x), "lcc_sigmoid(x_pred)"),
     (Softplus(-x), "lcc_softplus(-x_pred)"),
     (sympy.Max(x, 0), "lcc_max(0, x_pred)"),
@@ -182,16 +182,16 @@ LOWERED = [
     # and the roundings of that sum (lcc_sum_lo of each addition), the helper's d + dl
     (Bd0(x + eps, y), "lcc_bd0(x_pred + p_epsilon, x_label, (-x_label) + x_pred + p_epsilon, "
                       "lcc_sum_lo((-x_label), x_pred) + lcc_sum_lo((-x_label) + x_pred, p_epsilon))"),
-    (Bd0(sympy.exp(x), y), "lcc_bd0_exp(exp(x_pred), x_label, lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label, exp(x_pred)), x_pred)"),
+    (Bd0(sympy.exp(x), y), "lcc_bd0_exp(lcc_exp(x_pred), x_label, lcc_exp_sub(lcc_exp(x_pred), x_pred, 1, -x_label, lcc_exp(x_pred)), x_pred)"),
     # exp-sub: A*exp(u) + S with S reading an input
-    (sympy.exp(x) - y, "lcc_exp_sub(exp(x_pred), x_pred, 1, -x_label, exp(x_pred))"),
+    (sympy.exp(x) - y, "lcc_exp_sub(lcc_exp(x_pred), x_pred, 1, -x_label, lcc_exp(x_pred))"),
     # ... with A*exp(u) printed as a product, through exp-scale (a class weight times a
     # softmax weight below the normal range)
-    (y * sympy.exp(x) - W, "lcc_exp_sub(exp(x_pred), x_pred, x_label, -x_class_weight, "
-                           "lcc_mul_exp(x_label*exp(x_pred), x_label, x_pred, 0.0))"),
+    (y * sympy.exp(x) - W, "lcc_exp_sub(lcc_exp(x_pred), x_pred, x_label, -x_class_weight, "
+                           "lcc_mul_exp(x_label*lcc_exp(x_pred), x_label, x_pred, 0.0))"),
     # exp-scale: a*f for f = exp(u), sigmoid(u), softplus(u), which may be subnormal; the
     # plain product, a and u; u's rounding where exp(u) is an lcc_exp_sum (an exact sum)
-    (y * sympy.exp(x), "lcc_mul_exp(x_label*exp(x_pred), x_label, x_pred, 0.0)"),
+    (y * sympy.exp(x), "lcc_mul_exp(x_label*lcc_exp(x_pred), x_label, x_pred, 0.0)"),
     (3 * Softplus(-x), "lcc_mul_exp(3*lcc_softplus(-x_pred), 3, -x_pred, 0.0)"),
     (y * Sigmoid(x) * Sigmoid(-x), "lcc_mul_exp2(x_label*lcc_sigmoid(-x_pred)*lcc_sigmoid(x_pred), "
                                    "x_label*lcc_sigmoid(-x_pred), x_pred, 0.0, x_label*lcc_sigmoid(x_pred), "
@@ -213,12 +213,12 @@ PLAIN = [
     (sympy.log(x * y), "log(x_label*x_pred)"),        # no number factor (log-scaled)
     (1 - y / x + x, "1 - x_label/x_pred + x_pred"),     # more than k - a/b
     (y / x, "x_label/x_pred"),                          # one division: nothing to chain
-    (sympy.exp(x) + sympy.exp(y) - y, "(-x_label) + exp(x_label) + exp(x_pred)"),  # two exps
-    (sympy.exp(x) - 2, "(-2) + exp(x_pred)"),          # a number: stabilize's expm1 rule's job
+    (sympy.exp(x) + sympy.exp(y) - y, "(-x_label) + lcc_exp(x_label) + lcc_exp(x_pred)"),  # two exps
+    (sympy.exp(x) - 2, "(-2) + lcc_exp(x_pred)"),          # a number: stabilize's expm1 rule's job
     (x * sympy.Piecewise((1, sympy.Eq(S, 0)), (S, True)), "x_pred*((p_s == 0) ? 1 : p_s)"),  # no 0 branch
     (x**-2, "1.0/(x_pred*x_pred)"),                    # a plain power (the printer table)
-    (-sympy.exp(x), "-exp(x_pred)"),                   # exp-scale: -f is exact
-    (y * sympy.exp(x) * sympy.exp(y) * sympy.exp(eps), "x_label*exp(p_epsilon)*exp(x_label)*exp(x_pred)"),  # three
+    (-sympy.exp(x), "-lcc_exp(x_pred)"),                   # exp-scale: -f is exact
+    (y * sympy.exp(x) * sympy.exp(y) * sympy.exp(eps), "x_label*lcc_exp(p_epsilon)*lcc_exp(x_label)*lcc_exp(x_pred)"),  # three
     (y / (x**2 * sympy.sqrt(eps)), "x_label/(sqrt(p_epsilon)*(x_pred*x_pred))"),  # a non-integer power
 ]
 
@@ -366,5 +366,5 @@ def test_exp_sub_keeps_a_one_hot_softmax_minus_1(losses):
 def test_dominant_sum_of_an_exp_knows_its_log():
     from losscc.functions import DominantSum
 
-    assert c(DominantSum(sympy.exp(x), -y, x)) == "lcc_dominant_exp(exp(x_pred), -x_label, x_pred)"
+    assert c(DominantSum(sympy.exp(x), -y, x)) == "lcc_dominant_exp(lcc_exp(x_pred), -x_label, x_pred)"
     assert c(DominantSum(x, -y, sympy.log(x))) == "lcc_dominant_sum(x_pred, -x_label, log(x_pred))"

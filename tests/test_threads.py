@@ -137,7 +137,7 @@ def test_one_loss_object_serves_eight_threads(losses):
     ce = losses.SoftmaxCrossEntropyLoss()
     rng = np.random.default_rng(3)
     jobs = []
-    for i in range(32):
+    for _ in range(32):
         n = int(rng.integers(1, 200_000))
         jobs.append((rng.standard_normal(n), rng.standard_normal(n),
                      rng.standard_normal((n // 50 + 1, 7)), rng.integers(0, 7, n // 50 + 1)))
@@ -205,3 +205,16 @@ def test_the_fast_path_leaves_bad_buffers_to_the_general_paths_errors(losses):
     fast = ce.value_and_grad(np.ascontiguousarray(x), y)
     for a, b in zip(fast, ce.value_and_grad(x, y.astype(np.int32))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_changing_a_loss_after_a_call_is_honoured_or_refused(losses):
+    # the fast path's plans remember reduction and weight; setting them forgets the plans
+    pred, label, _ = _inputs(np.float64, (64,), seed=6)
+    loss = losses.HuberLoss(rho=0.5)
+    per_sample = loss(pred, label)
+    loss.reduction = "sum"
+    assert loss(pred, label) == per_sample.sum()
+    loss.weight = 2.0
+    assert loss(pred, label) == losses.HuberLoss(rho=0.5, weight=2.0, reduction="sum")(pred, label)
+    with pytest.raises(TypeError):
+        loss.params["rho"] = 1.0  # parameters are fixed: make a new loss
