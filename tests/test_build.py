@@ -195,3 +195,30 @@ def test_derivation_cache_keeps_one_entry_per_loss(two_specs, tmp_path):
         (specs / "l2.yaml").write_text(text)
         _build(specs, tmp_path / "out")
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "out" / ".cache").glob("*.json")) == ["l1", "l2"]
+
+
+def test_inputs_named_like_the_kernels_own_names(tmp_path):
+    # w, h, sw, lw, wq, g_pred, q_pred: each must stay the spec's input, with its own strides
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "names.yaml").write_text(
+        "name: names\nsummary: Inputs named like the generated code's names.\nreference: a test.\n"
+        "inputs:\n  pred: {}\n  w: {}\n  h: {differentiable: true}\n  sw: {}\n  lw: {}\n  wq: {}\n"
+        "  g_pred: {}\n  q_pred: {}\n"
+        "loss: (pred - w)**2 * h + sw * pred + lw * wq + g_pred * q_pred * pred\n")
+    report, _ = _build(specs, tmp_path / "out")
+    loss = losscc.load(report.path).names()
+    rng = np.random.default_rng(7)
+    shape = (5, 300)  # more than one chunk of 256 features per sample
+    a = {k: rng.standard_normal(shape) for k in ("pred", "w", "h", "sw", "lw", "wq", "g_pred", "q_pred")}
+    a["w"] = np.asfortranarray(a["w"])           # strided: staged
+    a["sw"] = rng.standard_normal((5, 1))        # broadcast along the features: stride 0
+    a["lw"] = a["lw"][:, ::-1]                   # a negative stride
+    weight = rng.random((5, 1))
+    args = [a[k] for k in ("pred", "w", "h", "sw", "lw", "wq", "g_pred", "q_pred")]
+    value, (gp, gh) = loss.value_and_grad(*args, sample_weight=weight, wrt=("pred", "h"))
+    p, w, h, sw, lw, wq, gpr, qp = (np.broadcast_to(x, shape) for x in args)
+    ell = (p - w) ** 2 * h + sw * p + lw * wq + gpr * qp * p
+    np.testing.assert_allclose(value, (ell * weight).mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(gp, (2 * (p - w) * h + sw + gpr * qp) * weight / shape[1], rtol=1e-12)
+    np.testing.assert_allclose(gh, (p - w) ** 2 * weight / shape[1], rtol=1e-12)
