@@ -653,12 +653,10 @@ class _Plan:
         self.shape, self.dtype, self.reduction, self.keep = shape, dtype, loss.reduction, []
         nb = shape[0]
         if self.rows:  # (sample, row, class) with the class axis last (or every non-batch axis)
-            if ndim < 2 and loss.axis is not None or loss.axis not in (None, -1, ndim - 1):
+            if loss.axis is not None and (ndim < 2 or loss.axis not in (-1, ndim - 1)):
                 return None
             nc = math.prod(shape[1:]) if loss.axis is None else shape[-1]
-            nf = math.prod(shape[1:]) // nc if nc else 0
-            if not nf or not nc:
-                return None
+            nf = math.prod(shape[1:]) // nc  # (no size is 0 here)
             self.sizes = (nb, nf, nc)
             full, per_row = (nf * nc, nc, 1), (nf, 1 if nf > 1 else 0)
             row_shape = (nb,) if loss.axis is None else shape[:-1]
