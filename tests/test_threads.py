@@ -218,3 +218,29 @@ def test_changing_a_loss_after_a_call_is_honoured_or_refused(losses):
     assert loss(pred, label) == losses.HuberLoss(rho=0.5, weight=2.0, reduction="sum")(pred, label)
     with pytest.raises(TypeError):
         loss.params["rho"] = 1.0  # parameters are fixed: make a new loss
+
+
+def _child_call(conn, built, pred, label):
+    loss = losscc.load(built).SigmoidBCELoss(reduction="sum")
+    conn.send(loss.value_and_grad(pred, label))
+    conn.close()
+
+
+def test_a_forked_child_runs_threaded_kernels(losses, built, threads):
+    # threads are made per call (no pool): a child forked after the parent ran threaded
+    # kernels runs them too (a fork after OpenMP's pool would hang here)
+    import multiprocessing
+
+    losscc.set_num_threads(2)
+    pred, label, _ = _inputs(np.float64, (N,), seed=8)
+    parent = losses.SigmoidBCELoss(reduction="sum").value_and_grad(pred, label)
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child_call, args=(there, built, pred, label))
+    child.start()
+    assert here.poll(60), "the forked child did not answer"
+    value, grad = here.recv()
+    child.join(10)
+    assert child.exitcode == 0
+    assert value == parent[0]
+    np.testing.assert_array_equal(grad, parent[1])
