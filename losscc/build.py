@@ -30,7 +30,7 @@ from pathlib import Path
 from . import __version__
 from .errors import BuildError, SpecError
 from .ir import MANIFEST_FORMAT, KernelSource, LossSpec
-from .resources import compiler_hash, templates_hash
+from .resources import compiler_hash, templates_hash, usable_cores
 from .spec import load_spec, spec_files
 
 # Flags that keep IEEE values: -fno-math-errno and -fno-trapping-math only drop errno and
@@ -191,7 +191,7 @@ def _compile(sources, out: Path, name: str, key: str, objects: "_Objects", log=p
         except (cffi.CDefError, cffi.FFIError) as exc:
             raise BuildError(f"internal: generated cffi declarations are invalid: {exc}") from None
         # the wrapper sees the kernels' prototypes only; their code is in the objects
-        # (-O1 -g0: argument conversion only, which Python's own -O3 -g takes seconds over)
+        # (-O0 -g0: argument conversion only, which Python's own -O3 -g takes seconds over)
         ffi.set_source(f"{name}._kernels", "#include <stdint.h>\n" + cdef,
                        extra_objects=[str(o.resolve()) for o in objects],
                        extra_compile_args=["-O0", "-g0"], extra_link_args=list(LDFLAGS))
@@ -199,8 +199,7 @@ def _compile(sources, out: Path, name: str, key: str, objects: "_Objects", log=p
             try:
                 so = Path(ffi.compile(tmpdir=str(work / "cffi"), verbose=False))
             except Exception as exc:  # distutils/setuptools CompileError, LinkError, VerificationError
-                first = next((ln for ln in err.read().splitlines() if "error" in ln), "") or str(exc)
-                raise BuildError(f"C compiler failed: {first.strip()}") from None
+                raise BuildError(f"C compiler failed: {_first_error(err.read()) or exc}") from None
         pkg = work / "pkg"
         pkg.mkdir()
         shutil.copy2(so, pkg / so.name)
@@ -235,8 +234,7 @@ class _Objects:
         from concurrent.futures import ThreadPoolExecutor
 
         self.cache, self.name, self.cmd = cache, name, compiler_command()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        self.pool = ThreadPoolExecutor(max_workers=cores or 1)
+        self.pool = ThreadPoolExecutor(max_workers=usable_cores())
         self.items: list = []  # (object path, future or None), in spec order
         self.fresh = 0
 
@@ -280,15 +278,19 @@ def _compile_object(cmd, source, text: str, obj: Path):
         except OSError as exc:  # no such compiler
             return f"C compiler failed: cannot run {cmd[0]}: {exc.strerror or exc}"
         if run.returncode != 0:
-            first = next((ln for ln in run.stderr.splitlines() if "error" in ln), "") \
-                or run.stderr.strip() or f"exit status {run.returncode}"
-            return f"C compiler failed on the kernels of {source.meta['spec']} ({source.name}): {first.strip()}"
+            first = _first_error(run.stderr) or run.stderr.strip() or f"exit status {run.returncode}"
+            return f"C compiler failed on the kernels of {source.meta['spec']} ({source.name}): {first}"
         os.replace(tmp, obj)
         return None
     finally:
         for f in (src, tmp):
             with contextlib.suppress(OSError):
                 f.unlink()
+
+
+def _first_error(stderr: str) -> str:
+    """The compiler's first line that mentions an error, or ''."""
+    return next((ln.strip() for ln in stderr.splitlines() if "error" in ln), "")
 
 
 def _publish(folder: Path, target: Path) -> str | None:

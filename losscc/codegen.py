@@ -634,28 +634,26 @@ def template_env() -> jinja2.Environment:
     return env
 
 
-EXP_TABLE_BITS = 7
-
-
 @functools.lru_cache(maxsize=None)
 def exp_table() -> tuple:
-    """prelude.h.j2's table for lcc_exp, per k < N = 2^EXP_TABLE_BITS: (tail, sbits) with H
-    the double nearest 2^(k/N), sbits = H's bits - (k << (52 - EXP_TABLE_BITS)) (so adding
-    ki << 45 for any ki = k mod N gives the bits of H * 2^((ki - k)/N)), and tail the double
-    nearest (2^(k/N) - H) / H; as C literals, from mpmath at 200 bits (the construction of
-    ARM's optimized-routines exp)."""
+    """prelude.h.j2's table for lcc_exp, which is written for N = 128 entries (its constants
+    N/ln2, ln2/N, the shift 52 - 7 = 45 and the exponent offsets): per k < N, (tail, sbits)
+    with H the double nearest 2^(k/N), sbits = H's bits - (k << 45) (so adding ki << 45 for
+    any ki = k mod N gives the bits of H * 2^((ki - k)/N)), and tail the double nearest
+    (2^(k/N) - H) / H; as C literals, from mpmath at 200 bits (the construction of ARM's
+    optimized-routines exp)."""
     import struct
 
     import mpmath
 
-    n = 1 << EXP_TABLE_BITS
+    n = 128
     rows = []
     with mpmath.workprec(200):
         for k in range(n):
             exact = mpmath.power(2, mpmath.mpf(k) / n)
             h = float(exact)
             tail = float((exact - h) / h)
-            bits = struct.unpack("<Q", struct.pack("<d", h))[0] - (k << (52 - EXP_TABLE_BITS))
+            bits = struct.unpack("<Q", struct.pack("<d", h))[0] - (k << 45)
             rows.append((tail.hex(), f"UINT64_C(0x{bits:016x})"))
     return tuple(rows)
 

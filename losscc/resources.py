@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from .errors import BuildError
@@ -36,3 +37,11 @@ def compiler_hash() -> str:
     for name in _COMPILER_MODULES:
         h.update(name.encode() + b"\0" + (here / name).read_bytes())
     return h.hexdigest()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import LoadError
 from .ir import MANIFEST_FORMAT, bound_error, variant_key
+from .resources import usable_cores
 
 REDUCTIONS = ("none", "mean", "sum")
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes that have kernels
@@ -47,10 +48,7 @@ def _default_threads() -> int:
         if n < 1:
             raise ValueError(f"LOSSCC_NUM_THREADS must be a positive integer, got {env!r}")
         return n
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may run on
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 _threads: int | None = None
@@ -635,11 +633,12 @@ class Loss:
 class _Plan:
     """What `Loss._fast` calls a kernel with, for one (mode, shape, dtype): the kernel, the
     sizes, strides and scales, the shape and dtype each argument must have, and the absent
-    inputs' defaults (read-only 0-d arrays, their addresses taken once). Immutable once
-    made: one loss object may be called from many threads at once."""
+    inputs' defaults (read-only 0-d arrays, their addresses taken once: the from_buffer cdata
+    keeps each alive). Immutable once made: one loss object may be called from many threads
+    at once."""
 
     __slots__ = ("fn", "sizes", "strides", "expect", "slots", "tail", "vshape", "shape", "dtype",
-                 "reduction", "grads", "keep", "wanted", "rows")
+                 "reduction", "grads", "wanted", "rows")
 
     @classmethod
     def make(cls, loss, mode, shape, dtype):
@@ -650,7 +649,7 @@ class _Plan:
         ffi = loss._ffi
         self.fn = loss._kernels[f"{mode}_{dtype.name}"]
         self.rows = loss._rows
-        self.shape, self.dtype, self.reduction, self.keep = shape, dtype, loss.reduction, []
+        self.shape, self.dtype, self.reduction = shape, dtype, loss.reduction
         nb = shape[0]
         if self.rows:  # (sample, row, class) with the class axis last (or every non-batch axis)
             if loss.axis is not None and (ndim < 2 or loss.axis not in (-1, ndim - 1)):
@@ -679,12 +678,10 @@ class _Plan:
             else:
                 d = np.full((), inp["default"], np.int64 if kind == "index" else dtype)
                 d.flags.writeable = False
-                self.keep.append(d)
                 self.slots.append((ffi.from_buffer(d), (0,) * (3 if kind == "row" else 2)))
         self.expect = [expect[i] for i in range(len(loss._required))]
         sw = np.full((), 1.0, dtype)
         sw.flags.writeable = False
-        self.keep.append(sw)
         vscale, gscale = loss._scales(nb, nf)
         self.tail = [ffi.from_buffer(sw), 0, 0, *loss.params.values(), vscale, gscale]
         self.vshape = (nb,)
