@@ -37,8 +37,11 @@ from .spec import load_spec, spec_files
 # floating-point exception flags (nothing reads them), which lets GCC if-convert branches
 # and vectorize; -std=c99 keeps fp contraction off (the compensated sums rely on it).
 # -fopenmp-simd: `omp simd` loops may vectorize their sums (no OpenMP runtime is linked);
-# -pthread: lcc_run's threads.
-CFLAGS = ("-O2", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-pthread")
+# -fno-tree-pre: partial redundancy elimination otherwise moves lcc_exp's table loads under
+# a condition (the clamp of its argument), and GCC cannot vectorize a masked gather: with it,
+# no `omp simd` loop that calls exp vectorized. -pthread: lcc_run's threads.
+CFLAGS = ("-O2", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-fno-tree-pre", "-fopenmp-simd",
+          "-pthread")
 LDFLAGS = ("-pthread",)
 MANIFEST = "manifest.json"
 STALE_SECONDS = 60  # an unused build folder older than this is removed by the next build

@@ -159,10 +159,10 @@ def check(paths, samples: int = 400, seed: int = 0, out="build", log=print) -> l
         cls = module.LOSSES[spec.name]
         result = LossCheck(spec.name, spec.path, spec.accuracy, spec.accuracy_reason,
                            spec.accuracy_conditioned, spec.accuracy_conditioned_when)
-        fd_rng, sweep_rng = streams(spec, seed)
+        fd_rng, sweep_rng, plain_rng = streams(spec, seed)
         _examples(cls, result)
         _finite_differences(spec, cls, result, fd_rng)
-        _accuracy(spec, cls, result, sweep(spec, cls, samples, sweep_rng))
+        _accuracy(spec, cls, result, sweep(spec, cls, samples, sweep_rng, plain_rng))
         result.seconds = time.perf_counter() - t0
         log(format_loss(result))
         results.append(result)
@@ -465,16 +465,19 @@ def _slack(dtype) -> float:
 
 
 def streams(spec, seed: int) -> tuple:
-    """One spec's independent random streams: (finite differences, accuracy sweep)."""
+    """One spec's independent random streams: (finite differences, accuracy sweep, the
+    sweep's points without optional inputs). Each its own, so that adding to one part of the
+    check leaves the points of the others as they were."""
     seq = np.random.SeedSequence([seed, *spec.name.encode()])
-    return tuple(np.random.default_rng(child) for child in seq.spawn(2))
+    return tuple(np.random.default_rng(child) for child in seq.spawn(3))
 
 
 @dataclass
 class Batch:
     """n points the accuracy check measures a loss on, of one variant, dtype and parameter
     setting: rows of C classes, or elements (C is None). `arrays` holds every input, absent
-    optional ones at their default."""
+    optional ones at their default; the loss is called without the `absent` ones (a row
+    loss then runs its plain kernel: codegen, SymbolicVariant.plain)."""
 
     options: dict
     kinds: dict
@@ -483,12 +486,18 @@ class Batch:
     arrays: dict
     n: int
     C: int | None = None
+    absent: tuple = ()
+
+    @property
+    def given(self) -> dict:
+        return {k: v for k, v in self.arrays.items() if k not in self.absent}
 
 
-def sweep(spec, cls, samples: int, rng):
+def sweep(spec, cls, samples: int, rng, plain_rng=None):
     """Every Batch of the accuracy sweep, in order: each variant, dtype and parameter setting
-    (samples points per variant and dtype; rows split over ROW_CLASSES), then the spec's
-    examples in each dtype."""
+    (samples points per variant and dtype; rows split over ROW_CLASSES; a row loss with
+    plain kernels as many again at the default params without its optional inputs, drawn
+    from plain_rng), then the spec's examples in each dtype."""
     for options in spec.variant_combos():
         kinds = cls._meta["kernels"][_variant_key(cls, options)]["kinds"]
         for dtype in DTYPES:
@@ -500,6 +509,13 @@ def sweep(spec, cls, samples: int, rng):
                         m = max(n // len(ROW_CLASSES), 1)
                         arrays = _row_points(spec, options, kinds, dtype, m, C, rng)
                         yield _batch(spec, options, kinds, dtype, params, arrays, m, C)
+                    # at the default params, as many points again without the optional inputs
+                    absent = plain_inputs(cls, options) if s_index == 0 and plain_rng else ()
+                    for C in ROW_CLASSES if absent else ():
+                        m = max(n // len(ROW_CLASSES), 1)
+                        arrays = _row_points(spec, options, kinds, dtype, m, C, plain_rng)
+                        arrays = {k: v for k, v in arrays.items() if k not in absent}
+                        yield _batch(spec, options, kinds, dtype, params, arrays, m, C, absent)
                 else:
                     arrays = _elementwise_points(spec, options, dtype, n, rng, params)
                     yield _batch(spec, options, kinds, dtype, params, arrays, n, None)
@@ -512,10 +528,18 @@ def sweep(spec, cls, samples: int, rng):
             C = None
             if spec.is_row:
                 C = max(len(v) for v in ex["inputs"].values() if isinstance(v, (list, tuple)))
-            yield _batch(spec, options, kinds, dtype, params, arrays, 1, C)
+            absent = tuple(i.name for i in spec.inputs if i.default is not None and i.name not in arrays)
+            yield _batch(spec, options, kinds, dtype, params, arrays, 1, C, absent)
 
 
-def _batch(spec, options, kinds, dtype, params, arrays, n, C) -> Batch:
+def plain_inputs(cls, options: dict) -> tuple:
+    """The optional inputs a row loss's plain kernel leaves out, for this variant (() if it
+    has none)."""
+    plain = cls._meta["kernels"][_variant_key(cls, options)].get("plain")
+    return tuple(plain["absent"]) if plain else ()
+
+
+def _batch(spec, options, kinds, dtype, params, arrays, n, C, absent=()) -> Batch:
     full = {}
     for i in spec.inputs:
         if i.name in arrays:
@@ -524,7 +548,7 @@ def _batch(spec, options, kinds, dtype, params, arrays, n, C) -> Batch:
             full[i.name] = np.full((n, C), i.default, dtype=dtype)
         else:
             full[i.name] = np.full(n, i.default, dtype=dtype)
-    return Batch(options, kinds, dtype, params, full, n, C)
+    return Batch(options, kinds, dtype, params, full, n, C, absent)
 
 
 def truth_point(spec, batch: Batch, k: int, params: dict) -> tuple:
@@ -585,9 +609,9 @@ def _measure_elementwise(spec, cls, result, batch: Batch):
     loss = cls(**options, **params)
     wrt = tuple(i.name for i in spec.differentiable)
     with np.errstate(all="ignore"):
-        value, grads = loss.value_and_grad(**inputs, wrt=wrt)
-        value_only = loss(**inputs)
-        grad_h, hess = loss.grad_hess(**inputs)
+        value, grads = loss.value_and_grad(**batch.given, wrt=wrt)
+        value_only = loss(**batch.given)
+        grad_h, hess = loss.grad_hess(**batch.given)
     grads = grads if isinstance(grads, tuple) else (grads,)
     # each output from every kernel that computes it: v, vg and vgh
     computed = {"value": [value, value_only]}
@@ -621,8 +645,8 @@ def _measure_rows(spec, cls, result, batch: Batch):
     wrt = wrt_measured(spec, batch.kinds)
     loss = cls(**options, **params)
     with np.errstate(all="ignore"):
-        value, grads = loss.value_and_grad(**inputs, wrt=tuple(wrt))
-        value_only = loss(**inputs)
+        value, grads = loss.value_and_grad(**batch.given, wrt=tuple(wrt))
+        value_only = loss(**batch.given)
     grads = grads if isinstance(grads, tuple) else (grads,)
     args, fns = _compiled(spec, options, batch.C, batch.kinds, wrt)
     vary = _varying(spec, options, args)

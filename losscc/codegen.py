@@ -201,6 +201,7 @@ class LossCPrinter(C99CodePrinter):
         self.scaled_sums = dict(scaled_sums or {})
         self.loo_used = set()
         self._plain_mul = False  # printing exp-scale's fallback
+        self.eager = False  # Piecewise as lcc_select (_print_Piecewise)
         self._loo = {}  # lo<n> symbol -> (n, r<n>, summand)
 
     def _seen(self, expr):
@@ -336,7 +337,10 @@ class LossCPrinter(C99CodePrinter):
             k = sympy.Mul(*(f for f in arg.args if f.is_number))
             if k.is_positive and k != 1:
                 return self.helper("lcc_log_scaled", k, arg / k)
-        return f"log({self._print(arg)})"
+        return f"lcc_log({self._print(arg)})"  # prelude.h.j2: libm's accuracy, vectorizable
+
+    def _print_log1p(self, expr):
+        return f"lcc_log1p({self._print(expr.args[0])})"
 
     def _sub_ratio(self, expr):
         """sub-ratio (the class docstring): the helper call for k - a/b, or None."""
@@ -395,7 +399,8 @@ class LossCPrinter(C99CodePrinter):
             else:  # a times the other factor
                 args.append(f"{self.parenthesize(a, prec)}*{self._print(found[1 - n][0])}")
             args += [self._print(u), self._exp_arg_lo(u)]
-        return f"lcc_mul_exp{'' if len(found) == 1 else '2'}({', '.join(args)})"
+        name = f"lcc_mul_exp{'' if len(found) == 1 else '2'}{'_eager' if self.eager else ''}"
+        return f"{name}({', '.join(args)})"
 
     def _exp_arg_lo(self, u) -> str:
         """The rounding of the sum u where exp(u) prints as lcc_exp_sum (_print_exp), which
@@ -578,11 +583,17 @@ class LossCPrinter(C99CodePrinter):
         return out
 
     def _print_Piecewise(self, expr):
-        """Nested ternaries on one line; the last condition is True (the parser checks)."""
+        """Nested ternaries on one line; the last condition is True (the parser checks).
+        eager (a vector loop's body): lcc_select calls, which evaluate every branch, as a
+        vector loop does anyway: a branch that C evaluates only where its condition holds
+        makes lcc_exp's table loads conditional, and GCC cannot vectorize a masked gather."""
         *pieces, (last, _) = expr.args
         out = self._print(last)
         for value, cond in reversed(pieces):
-            out = f"({self._print(cond)} ? {self._print(value)} : {out})"
+            if self.eager:
+                out = f"lcc_select({self._print(cond)}, {self._print(value)}, {out})"
+            else:
+                out = f"({self._print(cond)} ? {self._print(value)} : {out})"
         return out
 
     def _print_Relational(self, expr):
@@ -605,9 +616,9 @@ def shared_cse(variant):
     return temps, dict(zip(names, reduced))
 
 
-def kernel_body(cse_result, mode: str) -> tuple:
+def kernel_body(cse_result, mode: str, eager=False) -> tuple:
     """(name, C expression) statements of one kernel mode: the temporaries its outputs use,
-    in order, then the outputs."""
+    in order, then the outputs (eager: every branch evaluated, for a vector loop)."""
     temps, outputs = cse_result
     wanted = [n for n in outputs if n == "val" or (n[0] == "g" and "g" in mode) or (n == "h0" and "h" in mode)]
     needed = set().union(*(outputs[n].free_symbols for n in wanted))
@@ -619,9 +630,45 @@ def kernel_body(cse_result, mode: str) -> tuple:
         if reads_input(e, input_temps):
             input_temps.add(t.name)
     printer = LossCPrinter(frozenset(input_temps), {t: e for t, e in temps})
+    printer.eager = eager
     lines = [(t.name, printer.doprint(e)) for t, e in temps if t in needed]
     lines += [(n, printer.doprint(outputs[n])) for n in wanted]
     return tuple(lines)
+
+
+# libm functions GCC has no vector form of without -ffast-math: a loop that calls one (or a
+# prelude helper that does) runs one element at a time whatever the target.
+_SCALAR_LIBM = frozenset({"log", "log1p", "expm1", "exp", "pow", "tanh", "cosh", "sinh", "atanh",
+                          "frexp", "ldexp", "lgamma", "atan", "log2", "exp2", "cbrt"})
+_CALL = re.compile(r"\b([A-Za-z_]\w*)\(")
+
+
+@functools.lru_cache(maxsize=None)
+def scalar_calls() -> frozenset:
+    """The calls that keep a loop from vectorizing: _SCALAR_LIBM and every prelude helper
+    that calls one of them, directly or through another helper."""
+    text = (templates_dir() / "prelude.h.j2").read_text()
+    calls = {}
+    for m in re.finditer(r"^(?:LCC_INLINE|static inline|static)\b[^(;=]*?\b(lcc_\w+)\([^)]*\)\s*\{", text, re.M):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        calls[m.group(1)] = set(_CALL.findall(text[m.end():i]))
+    scalar = set(_SCALAR_LIBM)
+    while True:
+        more = {name for name, called in calls.items() if called & scalar} - scalar
+        if not more:
+            return frozenset(scalar)
+        scalar |= more
+
+
+def vectorizable(lines) -> bool:
+    """Whether (name, C expression) lines call nothing that keeps a loop scalar: where none
+    of a kernel's `omp simd` loops is, cloning it for x86-64-v3 (LCC_TARGETS) only doubles
+    its compile time."""
+    scalar = scalar_calls()
+    return not any(c in scalar for _, rhs in lines for c in _CALL.findall(rhs))
 
 
 def template_env() -> jinja2.Environment:
@@ -631,7 +678,33 @@ def template_env() -> jinja2.Environment:
         trim_blocks=True, lstrip_blocks=True, autoescape=False,
     )
     env.globals["exp_table"] = exp_table()
+    env.globals["log_table"] = log_table()
     return env
+
+
+@functools.lru_cache(maxsize=None)
+def log_table() -> tuple:
+    """prelude.h.j2's table for lcc_log_core: per interval i < 128 of z in [0.6875, 1.375)
+    (z's bits minus those of 0.6875, shifted right by 45), (invc, logc, logcl): invc a
+    multiple of 2^-9 near 1/z at the interval's centre (10 significant bits, so that z*invc
+    - 1 is exact for the top 43 bits of z) and 1 for the two intervals around 1 (there r =
+    z - 1 exactly, and log z = log1p(r) does not cancel), and -log(invc) = logc + logcl to
+    2^-106 of it, from mpmath at 200 bits; as C literals."""
+    import struct
+
+    import mpmath
+
+    def from_bits(b):
+        return struct.unpack("<d", struct.pack("<Q", b))[0]
+
+    rows = []
+    with mpmath.workprec(200):
+        for i in range(128):
+            lo, hi = (from_bits(0x3fe6000000000000 + (j << 45)) for j in (i, i + 1))
+            invc = 1.0 if lo <= 1.0 <= hi else round(1024 / (lo + hi)) / 512
+            logc = -mpmath.log(mpmath.mpf(invc))
+            rows.append(tuple(v.hex() for v in (invc, float(logc), float(logc - float(logc)))))
+    return tuple(rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -670,12 +743,15 @@ def generate(sym: SymbolicLoss) -> KernelSource:
         for mode in MODES:
             try:
                 body = kernel_body(shared, mode)
+                clone = vectorizable(body)  # then its loop vectorizes, every branch evaluated
+                body = kernel_body(shared, mode, eager=True) if clone else body
             except Exception as exc:  # the strict printer met a node it cannot print
                 raise _cannot_generate(spec, variant, exc) from None
             for ctype in DTYPES:
                 kernels.append({
                     "cname": kernel_name(spec.name, variant.key, mode, ctype),
                     "mode": mode, "ctype": ctype, "variant": variant.key, "body": body,
+                    "clone": clone,
                 })
     ctx = {
         "spec": spec,
@@ -705,7 +781,7 @@ ROW_MODES = ("v", "vg")
 def _generate_rows(sym: SymbolicLoss, env) -> KernelSource:
     spec = sym.spec
     kernels = []
-    for variant in sym.variants:
+    for variant in [v for general in sym.variants for v in (general, general.plain) if v is not None]:
         for mode in ROW_MODES:
             try:
                 k = row_kernel(spec, variant, mode)
@@ -757,17 +833,25 @@ def row_kernel(spec, variant, mode: str) -> dict:
     if grad:
         grad_lines = _print_block(class_temps, list(zip(diffs, reduced[1:])), known=row_temps,
                                   row_sums=row_sums, loo_used=loo_used, scaled_sums=scaled_sums)
+        simd_grad = _class_hits([e for _, e in class_temps] + reduced[1:])
+        if simd_grad is not None:  # the lines at every class that no index picks
+            hits, miss = simd_grad
+            miss_temps = [(t, e.xreplace(miss)) for t, e in class_temps]
+            miss_lines = _print_block(miss_temps, [(n, e.xreplace(miss)) for n, e in zip(diffs, reduced[1:])],
+                                      known=row_temps, row_sums=row_sums, loo_used=loo_used,
+                                      scaled_sums=scaled_sums)
     passes = []
     for p, pass_steps in enumerate(steps.passes, 1):
         exprs, inits, updates, finals = [], [], [], []
         names = []
+        simd = []  # the pass's `omp simd` reduction clauses; None: it runs in order
         for st in pass_steps:
             s = st.scalar
             n = s.n
             scaled = rows.masked_product(s.arg) if st.role == "sum" else None
             if st.role == "lse_tail":
-                exprs.append(sympy.exp(s.arg - s.shift))
-                names.append(f"z{n}")
+                exprs += [s.arg, sympy.exp(s.arg - s.shift)]
+                names += [f"e{n}", f"z{n}"]
             elif scaled:  # the factors; their product is formed scaled (lcc_psum_add)
                 factors, mask = scaled
                 fnames = [f"e{n}{chr(ord('a') + i)}" for i in range(len(factors))]
@@ -788,9 +872,11 @@ def row_kernel(spec, variant, mode: str) -> dict:
                     add = f"lcc_psum_addn({len(fnames)}, (const double[]){{{', '.join(fnames)}}}, &ps{n});"
                 updates.append(add if mask is None else f"if (e{n}m != 0) {add}")
                 finals.append(f"const {T} r{n} = lcc_psum(&ps{n});")
+                simd = None
                 continue
             if st.role == "sum" or st.role == "lse_tail":
                 inits.append(f"double acc{n} = 0.0;")
+                simd = simd if simd is None else simd + [f"+:acc{n}"]
             if st.role == "sum":
                 updates.append(f"acc{n} += (double){e};")
                 finals.append(f"const {T} r{n} = ({T})acc{n};")
@@ -799,30 +885,47 @@ def row_kernel(spec, variant, mode: str) -> dict:
                     inits.append(f"int64_t jb{n} = -1;")
                     updates.append(f"if (fabs({e}) > fabs(big{n})) {{ ex{n} += big{n}; big{n} = {e}; jb{n} = j; }} "
                                    f"else {{ ex{n} += {e}; }}")
+                    simd = None
             elif st.role == "norm":  # a scaled sum of squares (lcc_ssq_add in prelude.h.j2)
                 inits.append(f"double sc{n} = 0.0, ssq{n} = 0.0, cmp{n} = 0.0, nf{n} = 0.0;")
                 updates.append(f"lcc_ssq_add({e}, &sc{n}, &ssq{n}, &cmp{n}, &nf{n});")
                 finals.append(f"const {T} r{n} = lcc_ssq_norm(sc{n}, ssq{n}, cmp{n}, nf{n});")
-            elif st.role in ("max", "min", "lse_max"):
-                var = f"mx{n}" if st.role == "lse_max" else f"r{n}"
-                inits.append(f"{T} {var} = {'' if st.role == 'min' else '-'}INFINITY;")
+                simd = None
+            elif st.role in ("max", "min"):  # the first argmax, in order
+                inits.append(f"{T} r{n} = {'' if st.role == 'min' else '-'}INFINITY;")
                 inits.append(f"int64_t jm{n} = 0;")
                 cmp = ">=" if st.role == "min" else "<="
-                updates.append(f"if ({var} == {var} && !({e} {cmp} {var})) {{ {var} = {e}; jm{n} = j; }}")
-                if st.role == "lse_max":
-                    finals.append(f"const {T} m{n} = isinf({var}) ? ({T})0 : {var};")
-                    finals.append(f"const int fin{n} = isfinite({var});")
-            else:  # lse_tail: every class but the argmax, unless the max was not finite
-                updates.append(f"if (!fin{n} || j != jm{n}) acc{n} += (double){e};")
+                updates.append(f"if (r{n} == r{n} && !({e} {cmp} r{n})) {{ r{n} = {e}; jm{n} = j; }}")
+                simd = None
+            elif st.role == "lse_max":  # the shift only: the tail counts its ties
+                inits.append(f"{T} mx{n} = -INFINITY;")
+                inits.append(f"{T} nan{n} = 0.0;")
+                updates.append(f"mx{n} = {e} > mx{n} ? {e} : mx{n};")
+                updates.append(f"nan{n} += {e} != {e} ? 1.0 : 0.0;")
+                finals.append(f"if (nan{n} != 0) mx{n} = NAN;")
+                finals.append(f"const {T} m{n} = isinf(mx{n}) ? ({T})0 : mx{n};")
+                finals.append(f"const int fin{n} = isfinite(mx{n});")
+                finals.append(f"const {T} mt{n} = fin{n} ? mx{n} : NAN; /* no class ties a max that is not finite */")
+                simd = simd if simd is None else simd + [f"max:mx{n}", f"+:nan{n}"]
+            else:  # lse_tail: every class but one that equals the max, unless it is not finite
+                inits.append(f"double ties{n} = 0.0;")
+                # a product, not a select: GCC would move exp's table loads under the
+                # condition, and a masked gather does not vectorize (z is finite where it ties)
+                updates.append(f"acc{n} += (double){e} * (e{n} == mt{n} ? 0.0 : 1.0);")
+                updates.append(f"ties{n} += e{n} == mt{n} ? 1.0 : 0.0;")
+                finals.append(f"if (ties{n} > 1) acc{n} += ties{n} - 1; /* each tie's term is exp(0) = 1 */")
                 finals.append(f"const {T} r{n} = ({T})(fin{n} ? log1p(acc{n}) : log(acc{n}));")
+                simd = simd if simd is None else simd + [f"+:ties{n}"]
         ptemps, preduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
         body = _print_block(ptemps, list(zip(names, preduced)), scaled_sums=scaled_sums)
         passes.append({
             "inits": inits, "updates": updates, "finals": finals,
             "reads": _reads(exprs, elements), "temps": body,
             "gathers": gathers(steps.after[p - 1]),
+            "simd": None if simd is None else " ".join(f"reduction({c})" for c in simd),
         })
     row_lines = _print_block(row_temps, [("val", reduced[0])], scaled_sums=scaled_sums)
+    read = {name for p in passes for name in p["reads"]}
     k = {
         "grad": grad,
         "inputs": [{"name": i.name, "kind": variant.kinds[i.name], "ignore": i.ignore}
@@ -836,7 +939,38 @@ def row_kernel(spec, variant, mode: str) -> dict:
         k["grads"] = lines[len(lines) - len(diffs):]
         k["grad_reads"] = _reads([e for _, e in class_temps] + reduced[1:]
                                  + [row_sums[r][1] for r in row_sums if row_sums[r][0] in loo_used], elements)
+        read.update(k["grad_reads"])
+        if simd_grad is not None:
+            k["simd_grad"] = {"temps": miss_lines[:len(miss_lines) - len(diffs)],
+                              "grads": miss_lines[len(miss_lines) - len(diffs):],
+                              "hits": [h.name for h in hits]}
+    k["row_reads"] = [i.name for i in spec.inputs if i.name in read]  # read along whole rows
+    # cloned where every `omp simd` loop vectorizes (one that stays scalar, such as the
+    # gradient of class-weighted cross entropy, would dominate the clone's time anyway)
+    loops = [[*p["temps"], *(("", u) for u in p["updates"])] for p in passes if p["simd"]]
+    if grad:
+        loops.append([*k["simd_grad"]["temps"], *k["simd_grad"]["grads"]] if "simd_grad" in k else [("", "log(0)")])
+    k["clone"] = bool(loops) and all(map(vectorizable, loops))
     return k
+
+
+def _class_hits(exprs):
+    """(the index symbols that conditions j == index name, {condition: false}) for the
+    gradient's lines, or None where a condition on j is not one of those. The gradient at a
+    class no index names is then the lines with each such condition false (a vector loop,
+    whose body holds no expm1 of the labelled class), and the classes the indices name are
+    computed again afterwards, whole."""
+    hits, miss = set(), {}
+    for e in exprs:
+        for rel in e.atoms(sympy.Eq, sympy.Ne):
+            if rows.J not in rel.free_symbols:
+                continue
+            other = rel.rhs if rel.lhs == rows.J else rel.lhs if rel.rhs == rows.J else None
+            if not isinstance(other, sympy.Symbol):
+                return None
+            hits.add(other)
+            miss[rel] = sympy.false if isinstance(rel, sympy.Eq) else sympy.true
+    return sorted(hits, key=lambda h: h.name), miss
 
 
 def _reads(exprs, elements) -> list:
@@ -892,6 +1026,10 @@ def kernel_name(loss: str, variant: str, mode: str, ctype: CType) -> str:
     return f"lcc_{loss}__{variant}__{mode}_{ctype.suffix}"
 
 
+def _kernel_names(loss: str, key: str, modes) -> dict:
+    return {f"{mode}_{c.numpy}": kernel_name(loss, key, mode, c) for mode in modes for c in DTYPES}
+
+
 def runtime_meta(sym: SymbolicLoss) -> dict:
     """What the runtime needs to know about a loss: JSON-able, no sympy."""
     spec = sym.spec
@@ -915,10 +1053,12 @@ def runtime_meta(sym: SymbolicLoss) -> dict:
         "variants": [{"name": v.name, "values": list(v.values), "default": v.default, "doc": v.doc}
                      for v in spec.variants],
         "kernels": {v.key: {"options": v.options, "notes": list(v.notes), "kinds": v.kinds,
-                            "names": {f"{mode}_{c.numpy}": kernel_name(spec.name, v.key, mode, c)
-                                      for mode in modes for c in DTYPES},
+                            "names": _kernel_names(spec.name, v.key, modes),
                             "gradient": [str(g) for g in v.grads],
-                            "hessian": None if v.hess is None else str(v.hess)}
+                            "hessian": None if v.hess is None else str(v.hess),
+                            "plain": None if v.plain is None else {
+                                "names": _kernel_names(spec.name, v.plain.key, modes),
+                                "absent": list(v.plain.absent), "fixed": v.plain.fixed}}
                     for v in sym.variants},
         "examples": [{"inputs": e.inputs, "options": e.options, "loss": e.loss, "grad": e.grad,
                       "where": str(e.loc)} for e in spec.examples],

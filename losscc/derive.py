@@ -51,11 +51,24 @@ def derive(spec: LossSpec) -> SymbolicLoss:
     return SymbolicLoss(spec=spec, symbols=symbols, variants=tuple(variants))
 
 
-def _derive_row(spec, options, symbols) -> SymbolicVariant:
-    """A row loss: lowered to row scalars, with losscc's chain rule over them (rows.py)."""
+def _derive_row(spec, options, symbols, plain=False) -> SymbolicVariant:
+    """A row loss: lowered to row scalars, with losscc's chain rule over them (rows.py).
+    plain: the variant with the optional inputs absent and the params at their defaults."""
     loss, row = parse_spec_math(spec, options, symbols)
     _check_free_symbols(spec, loss, {*symbols.values(), NCLASS, *row.gathers,
                                      *(i for i, _ in row.indices.values())})
+    absent = tuple(i.name for i in spec.inputs if i.default is not None and not i.differentiable)
+    key = variant_key(options)
+    if plain:
+        fixed = {p.name: p.default for p in spec.params if symbols[p.name] in loss.free_symbols}
+        subs = {symbols[n]: _constant(v) for n, v in fixed.items()}
+        defaults = {i.name: i.default for i in spec.inputs if i.name in absent}
+        subs.update({symbols[n]: _constant(v) for n, v in defaults.items()})
+        subs.update({g: _constant(defaults[src]) for g, (src, _) in row.gathers.items() if src in defaults})
+        loss = loss.xreplace(subs)
+        for g in [g for g in row.gathers if g not in loss.free_symbols]:
+            del row.gathers[g]
+        key += "__plain"
     kinds = {i.name: "row" if i.name in row.rows else "index" if i.name in row.used_as_index
              else "scalar" for i in spec.inputs}
     wrt = [i.name for i in spec.differentiable]
@@ -71,9 +84,20 @@ def _derive_row(spec, options, symbols) -> SymbolicVariant:
     extra = {"precision": ROW_PRECISION_RULES}
     prog.value = _tidied(prog.value, fired, extra)
     prog.grads = {n: _tidied(g, fired, extra) for n, g in prog.grads.items()}
-    return SymbolicVariant(key=variant_key(options), options=dict(options), value=prog.value,
+    if plain:
+        return SymbolicVariant(key=key, options=dict(options), value=prog.value,
+                               grads=tuple(prog.grads[n] for n in wrt), hess=None, program=prog,
+                               kinds=kinds, rewrites=tuple(dict.fromkeys(fired)), absent=absent,
+                               fixed=fixed)
+    return SymbolicVariant(key=key, options=dict(options), value=prog.value,
                            grads=tuple(prog.grads[n] for n in wrt), hess=None, program=prog,
-                           kinds=kinds, rewrites=tuple(dict.fromkeys(fired)))
+                           kinds=kinds, rewrites=tuple(dict.fromkeys(fired)),
+                           plain=_derive_row(spec, options, symbols, plain=True) if absent else None)
+
+
+def _constant(v):
+    """A default as sympy folds it: 1.0 as 1, so that 1*x is x and 0*x is 0."""
+    return sympy.Integer(int(v)) if float(v).is_integer() else sympy.Float(v)
 
 
 def _tidied(expr, fired: list, extra=None):

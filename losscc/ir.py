@@ -243,6 +243,13 @@ class SymbolicVariant:
     # variant: 'row' (a vector along the class axis), 'index' (a class) or 'scalar' (per row).
     program: Any = None
     kinds: dict = field(default_factory=dict)
+    # Row losses with optional inputs: this variant again with those inputs absent (their
+    # default folded in) and the formula's params at their defaults, which the runtime calls
+    # when the caller gives none of them: the class weights' sums and label smoothing's
+    # pass drop out of softmax cross entropy, and no row of defaults is read per class.
+    plain: Any = None
+    absent: tuple = ()  # on a plain variant: the optional inputs it never reads
+    fixed: dict = field(default_factory=dict)  # on a plain variant: param -> the value built in
 
 
 @dataclass(frozen=True)

@@ -272,6 +272,10 @@ class Loss:
         self.variant = variant_key(self.options)
         kernels = self._meta["kernels"][self.variant]
         self._kernels = {key: getattr(self._lib, cname) for key, cname in kernels["names"].items()}
+        plain = kernels.get("plain")  # row losses: the kernels for absent optional inputs
+        self._plain = None if plain is None else (
+            {key: getattr(self._lib, cname) for key, cname in plain["names"].items()},
+            frozenset(plain["absent"]), dict(plain["fixed"]))
         self._inputs = self._meta["inputs"]
         self._diff = [i["name"] for i in self._inputs if i["differentiable"]]
         self._wrt = tuple(i["name"] for i in self._inputs if i["differentiable"] and not i.get("optional_grad"))
@@ -287,6 +291,16 @@ class Loss:
             self.axis = None if axis is None else int(axis)
 
     _CONFIG = frozenset({"weight", "batch_axis", "reduction", "axis", "params"})
+
+    def _kernel(self, key: str, given=()):
+        """The kernel for `key` ('vg_float32', ...): the plain one (codegen: no optional
+        input read, the params built in) where none of its absent inputs is in `given` and the
+        params are the ones it was built for."""
+        if self._plain is not None:
+            fns, absent, fixed = self._plain
+            if absent.isdisjoint(given) and all(self.params[n] == v for n, v in fixed.items()):
+                return fns[key]
+        return self._kernels[key]
 
     def __setattr__(self, name, value):
         if name in self._CONFIG:  # a plan made with the old value must not be used again
@@ -545,9 +559,12 @@ class Loss:
                 args += layout.output3(ffi, gouts[name]) if name in gouts else [ffi.NULL, 0, 0, 0]
         result = math.nan if (nb and not nf) else 0.0
         if nb and nf:
-            result = self._kernels[f"{mode}_{dtype.name}"](*args)
+            given = [i["name"] for i in self._inputs if a.get(i["name"]) is not None]
+            result = self._kernel(f"{mode}_{dtype.name}", given)(*args)
             if status[0] == 1:
                 raise IndexError(layout.bad_index(self._inputs, self._kinds, arrays, status[1:4], self.params))
+            if status[0] == 2:  # rows.c.j2: no memory for a strided row's staged copy
+                raise MemoryError(f"{who}: no memory to stage rows of {nc} classes read with a stride")
             if status[0] != 0:
                 raise RuntimeError(f"{who}: kernel returned status {status[0]}")
             for o in (vout, *gouts.values()):
@@ -647,7 +664,7 @@ class _Plan:
             return None  # _run's general path: other layouts, empty arrays
         self = cls()
         ffi = loss._ffi
-        self.fn = loss._kernels[f"{mode}_{dtype.name}"]
+        self.fn = loss._kernel(f"{mode}_{dtype.name}")  # optional inputs at their defaults
         self.rows = loss._rows
         self.shape, self.dtype, self.reduction = shape, dtype, loss.reduction
         nb = shape[0]

@@ -202,6 +202,49 @@ def test_smoothed_weighted_ce_gradient_keeps_the_sum_of_the_other_weights(losses
     assert g[0, 1] == np.float32(1633.9411843238174)  # was 0.0
 
 
+# --------------------------------------------------------------------------- plain kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_kernel_runs_without_optional_inputs_and_agrees(losses, dtype):
+    """Without class_weight and with label_smoothing at 0, softmax cross entropy runs the
+    plain kernel (codegen: the optional inputs folded in, no class-weight passes); it must
+    agree with the general kernel given the defaults explicitly, to a few ulps."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(64, 37)) * rng.choice([1, 30, 1e3], size=(64, 1))).astype(dtype)
+    y = rng.integers(0, 37, 64)
+    ce = losses.SoftmaxCrossEntropyLoss()
+    plain = ce._plain[0]
+    assert ce._kernel("vg_" + np.dtype(dtype).name) is plain["vg_" + np.dtype(dtype).name]
+    v, g = ce.value_and_grad(x, y)
+    v1, g1 = ce.value_and_grad(x, y, class_weight=np.ones(37, dtype))  # the general kernel
+    np.testing.assert_allclose(v, v1, rtol=4 * EPS[dtype], atol=0)
+    np.testing.assert_allclose(g, g1, rtol=4 * EPS[dtype], atol=4 * np.finfo(dtype).tiny)
+    # given class weights, or smoothing, take the general kernel; ignore_index does not
+    assert losses.SoftmaxCrossEntropyLoss(label_smoothing=0.1)._kernel("v_float64") \
+        is not plain["v_float64"]
+    assert losses.SoftmaxCrossEntropyLoss(ignore_index=3)._kernel("v_float64") is plain["v_float64"]
+    assert ce._kernel("v_float64", given=["class_weight"]) is not plain["v_float64"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_at_the_row_max_are_each_counted_once(losses, dtype):
+    """The logsumexp's tail leaves out one class equal to the max and adds exp(0) = 1 for
+    each other tie: log(4) exactly where all four logits are equal (log1p(3), correctly
+    rounded), and log(2 + e^-4) - 0 for [5, 5, 1] at label 0. Truths: math.log, mpmath."""
+    ce = losses.SoftmaxCrossEntropyLoss()
+    x = np.array([[3.0, 3.0, 3.0, 3.0], [5.0, 5.0, 1.0, -np.inf]], dtype)
+    v, g = ce.value_and_grad(x, np.array([0, 0]))
+    assert v[0] == dtype(np.log(4.0))
+    assert v[1] == pytest.approx(0.70226332143909497, rel=2 * EPS[dtype])  # log(2 + e^-4), mpmath
+    np.testing.assert_allclose(g[0], [-0.75, 0.25, 0.25, 0.25], rtol=2 * EPS[dtype])
+    assert g[1, 3] == 0.0
+    # a NaN anywhere in the row, before or after the max, gives NaN
+    for row in ([np.nan, 1.0, 2.0], [1.0, 2.0, np.nan]):
+        v, g = ce.value_and_grad(np.array([row], dtype), np.array([1]))
+        assert np.isnan(v[0]) and np.isnan(g).all()
+
+
 # --------------------------------------------------------------------------- layouts
 
 
