@@ -13,6 +13,7 @@ before stays until the next build (a process may be importing from it); older on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -230,8 +231,8 @@ def compiler_command() -> list[str]:
 
 
 class _Objects:
-    """One object file per loss: from the cache, or compiled on a pool of threads (each runs
-    the C compiler in a subprocess) as soon as the loss is generated."""
+    """One object file per loss variant: from the cache, or compiled on a pool of threads
+    (each runs the C compiler in a subprocess) as soon as the loss is generated."""
 
     def __init__(self, cache: Path, name: str):
         from concurrent.futures import ThreadPoolExecutor
@@ -242,21 +243,26 @@ class _Objects:
         self.fresh = 0
 
     def submit(self, source: KernelSource):
+        """Queue the loss's objects: one per variant (KernelSource.c_parts)."""
         from .codegen import object_source
 
-        text = object_source(source, self.name)
-        h = hashlib.sha256("\0".join([*self.cmd, text]).encode()).hexdigest()[:24]
-        obj = self.cache / f"{source.name}-{h}.o"
         self.cache.mkdir(parents=True, exist_ok=True)
+        objs, fresh = [], False
+        for i, part in enumerate(source.c_parts or (source.c_source,)):
+            text = object_source(dataclasses.replace(source, c_source=part), self.name)
+            h = hashlib.sha256("\0".join([*self.cmd, text]).encode()).hexdigest()[:24]
+            obj = self.cache / f"{source.name}-{i}-{h}.o"
+            future = None
+            if not obj.is_file():
+                future = self.pool.submit(_compile_object, self.cmd, source, text, obj)
+                fresh = True
+            objs.append(obj)
+            self.items.append((obj, future))
+        self.fresh += fresh
         for stale in self.cache.glob(f"{source.name}-*.o"):  # older versions of this loss
-            if stale != obj:
+            if stale not in objs:
                 with contextlib.suppress(OSError):
                     stale.unlink()
-        future = None
-        if not obj.is_file():
-            future = self.pool.submit(_compile_object, self.cmd, source, text, obj)
-            self.fresh += 1
-        self.items.append((obj, future))
 
     def wait(self) -> list[Path]:
         """Every object, or BuildError with the first failure in spec order."""

@@ -760,9 +760,19 @@ def generate(sym: SymbolicLoss) -> KernelSource:
         "params": [p.name for p in spec.params],
         "kernels": kernels,
     }
-    c_source = env.get_template("elementwise.c.j2").render(**ctx)
-    cdef = env.get_template("elementwise.cdef.j2").render(**ctx)
-    return KernelSource(name=spec.name, c_source=c_source, cdef=cdef, meta=runtime_meta(sym))
+    return _source(sym, env, "elementwise", ctx)
+
+
+def _source(sym: SymbolicLoss, env, shape: str, ctx: dict) -> KernelSource:
+    """The loss's C (the module's text), its cdef, and the C again per variant: the units
+    build.py compiles, so that a loss with many variants keeps every core busy."""
+    template = env.get_template(f"{shape}.c.j2")
+    variants = dict.fromkeys(k["variant"] for k in ctx["kernels"])
+    parts = tuple(template.render(**dict(ctx, kernels=[k for k in ctx["kernels"] if k["variant"] == v]))
+                  for v in variants)
+    return KernelSource(name=sym.spec.name, c_source=template.render(**ctx),
+                        cdef=env.get_template(f"{shape}.cdef.j2").render(**ctx), meta=runtime_meta(sym),
+                        c_parts=parts)
 
 
 def _cannot_generate(spec, variant, exc) -> BuildError:
@@ -788,11 +798,11 @@ def _generate_rows(sym: SymbolicLoss, env) -> KernelSource:
             except Exception as exc:
                 raise _cannot_generate(spec, variant, exc) from None
             for ctype in DTYPES:
-                kernels.append(dict(k, ctype=ctype, cname=kernel_name(spec.name, variant.key, mode, ctype)))
+                kernels.append(dict(k, ctype=ctype, variant=variant.key,
+                                    cname=kernel_name(spec.name, variant.key, mode, ctype)))
     ctx = {"spec": spec, "diffs": [i.name for i in spec.differentiable],
            "params": [p.name for p in spec.params], "kernels": kernels}
-    return KernelSource(name=spec.name, c_source=env.get_template("rows.c.j2").render(**ctx),
-                        cdef=env.get_template("rows.cdef.j2").render(**ctx), meta=runtime_meta(sym))
+    return _source(sym, env, "rows", ctx)
 
 
 def row_kernel(spec, variant, mode: str) -> dict:

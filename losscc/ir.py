@@ -270,3 +270,5 @@ class KernelSource:
     c_source: str
     cdef: str
     meta: dict = field(default_factory=dict)  # JSON-able description for the runtime
+    # c_source cut per variant, one object file each (build.py compiles them in parallel)
+    c_parts: tuple = ()
