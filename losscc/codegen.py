@@ -793,11 +793,11 @@ def _generate_rows(sym: SymbolicLoss, env) -> KernelSource:
     kernels = []
     for variant in [v for general in sym.variants for v in (general, general.plain) if v is not None]:
         for mode in ROW_MODES:
-            try:
-                k = row_kernel(spec, variant, mode)
-            except Exception as exc:
-                raise _cannot_generate(spec, variant, exc) from None
             for ctype in DTYPES:
+                try:
+                    k = row_kernel(spec, variant, mode, reuse=ctype.numpy == "float32")
+                except Exception as exc:
+                    raise _cannot_generate(spec, variant, exc) from None
                 kernels.append(dict(k, ctype=ctype, variant=variant.key,
                                     cname=kernel_name(spec.name, variant.key, mode, ctype)))
     ctx = {"spec": spec, "diffs": [i.name for i in spec.differentiable],
@@ -805,9 +805,11 @@ def _generate_rows(sym: SymbolicLoss, env) -> KernelSource:
     return _source(sym, env, "rows", ctx)
 
 
-def row_kernel(spec, variant, mode: str) -> dict:
+def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
     """The template's view of one row kernel: the reads, passes and statements per row
-    (the same for every dtype: they compute in COMPUTE)."""
+    (they compute in COMPUTE). reuse (float kernels): a softmax term exp(e_j - m - r) of the
+    gradient is z_j * exp(-r), z_j = exp(e_j - m) kept from the logsumexp's pass: one exp
+    per element instead of two, and three roundings in double where one is felt in float."""
     prog = variant.program
     grad = mode == "vg"
     diffs = [i.name for i in spec.differentiable]
@@ -815,6 +817,15 @@ def row_kernel(spec, variant, mode: str) -> dict:
     steps = rows.plan(prog, outputs)
     elements = prog.elements
     T = COMPUTE
+    kept = {}  # lse n -> the symbol its kept z_j prints as
+    for s in prog.scalars if reuse and grad else ():
+        if s.kind == "lse":
+            z = sympy.Symbol(f"zs{s.n}[j]")
+            swap = _whole_term(sympy.exp(s.arg - s.shift - s.sym), z * sympy.Symbol(f"er{s.n}"))
+            new = [swap(o) for o in outputs[1:]]
+            if new != outputs[1:]:
+                outputs[1:] = new
+                kept[s.n] = z
 
     def gathers(scalars):
         return [{"name": g.sym.name, "source": g.source, "index": g.index.name} for g in scalars]
@@ -824,7 +835,7 @@ def row_kernel(spec, variant, mode: str) -> dict:
     shifts = [s.shift for s in prog.scalars if s.shift is not None]
     temps, reduced = sympy.cse(outputs, symbols=sympy.numbered_symbols("u"), optimizations="basic",
                                ignore=shifts)
-    per_class = set(elements) | {rows.J}
+    per_class = set(elements) | {rows.J} | set(kept.values())
     row_temps, class_temps = [], []
     for t, e in temps:  # a temporary that reads an element (or j) is computed per class
         if e.free_symbols & per_class:
@@ -924,8 +935,11 @@ def row_kernel(spec, variant, mode: str) -> dict:
                 updates.append(f"acc{n} += (double){e} * (e{n} == mt{n} ? 0.0 : 1.0);")
                 updates.append(f"ties{n} += e{n} == mt{n} ? 1.0 : 0.0;")
                 finals.append(f"if (ties{n} > 1) acc{n} += ties{n} - 1; /* each tie's term is exp(0) = 1 */")
-                finals.append(f"const {T} r{n} = ({T})(fin{n} ? log1p(acc{n}) : log(acc{n}));")
+                finals.append(f"const {T} r{n} = ({T})(fin{n} ? lcc_log1p(acc{n}) : lcc_log(acc{n}));")
                 simd = simd if simd is None else simd + [f"+:ties{n}"]
+                if n in kept:  # the gradient's softmax term is zs[j] * er (reuse)
+                    updates.append(f"zs{n}[j] = {e};")
+                    finals.append(f"const {T} er{n} = lcc_exp(-r{n});")
         ptemps, preduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
         body = _print_block(ptemps, list(zip(names, preduced)), scaled_sums=scaled_sums)
         passes.append({
@@ -955,6 +969,7 @@ def row_kernel(spec, variant, mode: str) -> dict:
                               "grads": miss_lines[len(miss_lines) - len(diffs):],
                               "hits": [h.name for h in hits]}
     k["row_reads"] = [i.name for i in spec.inputs if i.name in read]  # read along whole rows
+    k["kept"] = sorted(kept)  # lse n whose z_j a buffer zs<n> keeps (reuse)
     # cloned where every `omp simd` loop vectorizes (one that stays scalar, such as the
     # gradient of class-weighted cross entropy, would dominate the clone's time anyway)
     loops = [[*p["temps"], *(("", u) for u in p["updates"])] for p in passes if p["simd"]]
@@ -962,6 +977,19 @@ def row_kernel(spec, variant, mode: str) -> dict:
         loops.append([*k["simd_grad"]["temps"], *k["simd_grad"]["grads"]] if "simd_grad" in k else [("", "log(0)")])
     k["clone"] = bool(loops) and all(map(vectorizable, loops))
     return k
+
+
+def _whole_term(term, by):
+    """A function that replaces `term` where it is a whole output or a whole branch of one
+    (softmax - onehot's softmax), not where it is a factor: there the exp-scale lowering must
+    see the exp (class weight 3.4e38 times a softmax below 2^-1074, in float32 0 for 9.6)."""
+    def swap(e):
+        if e == term:
+            return by
+        if isinstance(e, sympy.Piecewise):
+            return sympy.Piecewise(*((swap(v), c) for v, c in e.args))
+        return e
+    return swap
 
 
 def _class_hits(exprs):
