@@ -39,7 +39,7 @@ from .spec import load_spec, spec_files
 # and vectorize; -std=c99 keeps fp contraction off (the compensated sums rely on it).
 # -fopenmp-simd: `omp simd` loops may vectorize their sums (no OpenMP runtime is linked);
 # -fno-tree-pre: partial redundancy elimination otherwise moves lcc_exp's table loads under
-# a condition (the clamp of its argument), and GCC cannot vectorize a masked gather: with it,
+# a condition (the clamp of its argument), and GCC cannot vectorize a masked gather: without it,
 # no `omp simd` loop that calls exp vectorized. -pthread: lcc_run's threads.
 CFLAGS = ("-O2", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-fno-tree-pre", "-fopenmp-simd",
           "-pthread")

@@ -222,7 +222,12 @@ class LossCPrinter(C99CodePrinter):
             return self._literal(float(value))
         return super()._print(expr, **kwargs)
 
+    # helpers with a branch around lcc_exp or lcc_log, and their branch-free twins for eager
+    # printing (a vector loop's body: _print_Piecewise)
+    EAGER = frozenset({"lcc_log_near1", "lcc_log_scaled"})
+
     def helper(self, name: str, *args) -> str:
+        name = f"{name}_eager" if self.eager and name in self.EAGER else name
         return f"{name}({', '.join(self._print(a) for a in args)})"
 
     def _print_Function(self, expr):
@@ -792,13 +797,16 @@ def _generate_rows(sym: SymbolicLoss, env) -> KernelSource:
     spec = sym.spec
     kernels = []
     for variant in [v for general in sym.variants for v in (general, general.plain) if v is not None]:
+        # float kernels print apart only where they may keep a logsumexp's terms (reuse)
+        lse = any(s.kind == "lse" for s in variant.program.scalars)
         for mode in ROW_MODES:
+            try:
+                k = row_kernel(spec, variant, mode)
+                k32 = row_kernel(spec, variant, mode, reuse=True) if lse and mode == "vg" else k
+            except Exception as exc:
+                raise _cannot_generate(spec, variant, exc) from None
             for ctype in DTYPES:
-                try:
-                    k = row_kernel(spec, variant, mode, reuse=ctype.numpy == "float32")
-                except Exception as exc:
-                    raise _cannot_generate(spec, variant, exc) from None
-                kernels.append(dict(k, ctype=ctype, variant=variant.key,
+                kernels.append(dict(k32 if ctype.numpy == "float32" else k, ctype=ctype, variant=variant.key,
                                     cname=kernel_name(spec.name, variant.key, mode, ctype)))
     ctx = {"spec": spec, "diffs": [i.name for i in spec.differentiable],
            "params": [p.name for p in spec.params], "kernels": kernels}

@@ -85,14 +85,12 @@ def _derive_row(spec, options, symbols, plain=False) -> SymbolicVariant:
     prog.value = _tidied(prog.value, fired, extra)
     prog.grads = {n: _tidied(g, fired, extra) for n, g in prog.grads.items()}
     if plain:
-        return SymbolicVariant(key=key, options=dict(options), value=prog.value,
-                               grads=tuple(prog.grads[n] for n in wrt), hess=None, program=prog,
-                               kinds=kinds, rewrites=tuple(dict.fromkeys(fired)), absent=absent,
-                               fixed=fixed)
+        which = {"absent": absent, "fixed": fixed}
+    else:
+        which = {"plain": _derive_row(spec, options, symbols, plain=True) if absent else None}
     return SymbolicVariant(key=key, options=dict(options), value=prog.value,
                            grads=tuple(prog.grads[n] for n in wrt), hess=None, program=prog,
-                           kinds=kinds, rewrites=tuple(dict.fromkeys(fired)),
-                           plain=_derive_row(spec, options, symbols, plain=True) if absent else None)
+                           kinds=kinds, rewrites=tuple(dict.fromkeys(fired)), **which)
 
 
 def _constant(v):

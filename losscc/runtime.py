@@ -563,8 +563,8 @@ class Loss:
             result = self._kernel(f"{mode}_{dtype.name}", given)(*args)
             if status[0] == 1:
                 raise IndexError(layout.bad_index(self._inputs, self._kinds, arrays, status[1:4], self.params))
-            if status[0] == 2:  # rows.c.j2: no memory for a strided row's staged copy
-                raise MemoryError(f"{who}: no memory to stage rows of {nc} classes read with a stride")
+            if status[0] == 2:  # rows.c.j2: no memory for its per-block row buffers
+                raise MemoryError(f"{who}: no memory for the kernel's row buffers ({nc} classes)")
             if status[0] != 0:
                 raise RuntimeError(f"{who}: kernel returned status {status[0]}")
             for o in (vout, *gouts.values()):
