@@ -868,7 +868,7 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
             miss_temps = [(t, e.xreplace(miss)) for t, e in class_temps]
             miss_lines = _print_block(miss_temps, [(n, e.xreplace(miss)) for n, e in zip(diffs, reduced[1:])],
                                       known=row_temps, row_sums=row_sums, loo_used=loo_used,
-                                      scaled_sums=scaled_sums)
+                                      scaled_sums=scaled_sums, vector=True)
     passes = []
     for p, pass_steps in enumerate(steps.passes, 1):
         exprs, inits, updates, finals = [], [], [], []
@@ -949,7 +949,7 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
                     updates.append(f"zs{n}[j] = {e};")
                     finals.append(f"const {T} er{n} = lcc_exp(-r{n});")
         ptemps, preduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
-        body = _print_block(ptemps, list(zip(names, preduced)), scaled_sums=scaled_sums)
+        body = _print_block(ptemps, list(zip(names, preduced)), scaled_sums=scaled_sums, vector=simd is not None)
         passes.append({
             "inits": inits, "updates": updates, "finals": finals,
             "reads": _reads(exprs, elements), "temps": body,
@@ -1051,10 +1051,17 @@ def _expand_signed(expr):
     return out.xreplace(back) if back else out
 
 
-def _print_block(temps, outputs, known=(), row_sums=None, loo_used=None, scaled_sums=None) -> list:
+def _print_block(temps, outputs, known=(), row_sums=None, loo_used=None, scaled_sums=None,
+                 vector=False) -> list:
     """(name, C expression) lines for cse temporaries and named outputs. With row_sums (the
     gradient pass), the sums whose leave-one-out form was printed are added to loo_used;
-    scaled_sums (r<n> -> n) are the row sums accumulated scaled (scaled-factor)."""
+    scaled_sums (r<n> -> n) are the row sums accumulated scaled (scaled-factor). vector: the
+    lines of an `omp simd` loop, printed eagerly (every branch evaluated) where they can
+    vectorize at all."""
+    if vector:
+        lines = _print_block(temps, outputs, known, row_sums, loo_used, scaled_sums)
+        if not vectorizable(lines):
+            return lines
     input_temps = set()
     for t, e in [*known, *temps]:
         if reads_input(e, input_temps):
@@ -1064,6 +1071,7 @@ def _print_block(temps, outputs, known=(), row_sums=None, loo_used=None, scaled_
                            local_temps=frozenset(t.name for t, _ in temps), scaled_sums=scaled_sums)
     if loo_used is not None:
         printer.loo_used = loo_used  # filled as the lines print
+    printer.eager = vector
     return [(t.name, printer.doprint(e)) for t, e in temps] + \
         [(n, printer.doprint(e)) for n, e in outputs]
 
