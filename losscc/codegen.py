@@ -222,13 +222,15 @@ class LossCPrinter(C99CodePrinter):
             return self._literal(float(value))
         return super()._print(expr, **kwargs)
 
-    # helpers with a branch around lcc_exp or lcc_log, and their branch-free twins for eager
-    # printing (a vector loop's body: _print_Piecewise)
-    EAGER = frozenset({"lcc_log_near1", "lcc_log_scaled"})
+    # helpers with a branch around lcc_exp or lcc_log, which have a branch-free twin
+    # (name_eager in prelude.h.j2) for eager printing (a vector loop's body: _print_Piecewise)
+    EAGER = frozenset({"lcc_log_near1", "lcc_log_scaled", "lcc_mul_exp", "lcc_mul_exp2"})
+
+    def _name(self, helper: str) -> str:
+        return f"{helper}_eager" if self.eager and helper in self.EAGER else helper
 
     def helper(self, name: str, *args) -> str:
-        name = f"{name}_eager" if self.eager and name in self.EAGER else name
-        return f"{name}({', '.join(self._print(a) for a in args)})"
+        return f"{self._name(name)}({', '.join(self._print(a) for a in args)})"
 
     def _print_Function(self, expr):
         helper = self.HELPERS.get(type(expr))
@@ -404,8 +406,7 @@ class LossCPrinter(C99CodePrinter):
             else:  # a times the other factor
                 args.append(f"{self.parenthesize(a, prec)}*{self._print(found[1 - n][0])}")
             args += [self._print(u), self._exp_arg_lo(u)]
-        name = f"lcc_mul_exp{'' if len(found) == 1 else '2'}{'_eager' if self.eager else ''}"
-        return f"{name}({', '.join(args)})"
+        return f"{self._name('lcc_mul_exp' if len(found) == 1 else 'lcc_mul_exp2')}({', '.join(args)})"
 
     def _exp_arg_lo(self, u) -> str:
         """The rounding of the sum u where exp(u) prints as lcc_exp_sum (_print_exp), which
