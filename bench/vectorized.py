@@ -20,18 +20,30 @@ import sys
 from losscc.build import CFLAGS
 
 
+def _loop_end(lines: list[str], pragma: int) -> int:
+    """The line (1-based) that closes the loop after the pragma at line `pragma` (GCC reports
+    a vectorized loop at a line of its body, not always at its `for`)."""
+    depth = 0
+    for i in range(pragma, len(lines)):
+        depth += lines[i].count("{") - lines[i].count("}")
+        if depth <= 0 and "}" in lines[i]:
+            return i + 1
+    return len(lines)
+
+
 def report(path: str, only: str = "") -> list[str]:
     cmd = ["gcc", *CFLAGS, "-march=x86-64-v3", "-c", path, "-o", "/dev/null", "-fopt-info-vec-optimized"]
     out = subprocess.run(cmd, capture_output=True, text=True).stderr
     vectorized = {int(m.group(1)) for m in re.finditer(r":(\d+):\d+: optimized: loop vectorized", out)}
     rows, fn, cloned = {}, None, False
-    for i, line in enumerate(open(path).read().splitlines(), 1):
+    lines = open(path).read().splitlines()
+    for i, line in enumerate(lines, 1):
         m = re.search(r"\bstatic double (lcc_\w+?)_(chunk|range)\(", line)
         if m:
             fn, cloned = f"{m.group(1)}_{m.group(2)}", line.startswith("LCC_TARGETS")
-        elif line.startswith("#pragma omp simd") and fn and only in fn:
+        elif line.lstrip().startswith("#pragma omp simd") and fn and only in fn:
             marks = rows.setdefault(fn, [cloned, ""])
-            marks[1] += "V" if {i + 1, i + 2} & vectorized else "."
+            marks[1] += "V" if set(range(i + 1, _loop_end(lines, i) + 1)) & vectorized else "."
     return [f"{'cloned ' if c else '       '} {marks:6s} {name}" for name, (c, marks) in rows.items()]
 
 

@@ -224,7 +224,8 @@ class LossCPrinter(C99CodePrinter):
 
     # helpers with a branch around lcc_exp or lcc_log, which have a branch-free twin
     # (name_eager in prelude.h.j2) for eager printing (a vector loop's body: _print_Piecewise)
-    EAGER = frozenset({"lcc_log_near1", "lcc_log_scaled", "lcc_mul_exp", "lcc_mul_exp2"})
+    EAGER = frozenset({"lcc_log_near1", "lcc_log_scaled", "lcc_mul_exp", "lcc_mul_exp2", "lcc_exp_sub",
+                       "lcc_exp_sub_loo"})
 
     def _name(self, helper: str) -> str:
         return f"{helper}_eager" if self.eager and helper in self.EAGER else helper
@@ -348,6 +349,12 @@ class LossCPrinter(C99CodePrinter):
 
     def _print_log1p(self, expr):
         return f"lcc_log1p({self._print(expr.args[0])})"
+
+    def _print_expm1(self, expr):
+        return f"lcc_expm1({self._print(expr.args[0])})"  # prelude.h.j2: vectorizable
+
+    def _print_tanh(self, expr):
+        return f"lcc_tanh({self._print(expr.args[0])})"  # prelude.h.j2: vectorizable
 
     def _sub_ratio(self, expr):
         """sub-ratio (the class docstring): the helper call for k - a/b, or None."""
@@ -512,9 +519,9 @@ class LossCPrinter(C99CodePrinter):
         product = self._print(coeff * e)  # A*exp(u), through exp-scale
         exact = self._leave_one_out(coeff + rest)
         if exact is not None:
-            return f"lcc_exp_sub_loo({self._print(e)}, {self._print(u)}, {self._print(coeff)}, " \
+            return f"{self._name('lcc_exp_sub_loo')}({self._print(e)}, {self._print(u)}, {self._print(coeff)}, " \
                    f"{self._print(rest)}, {self._print(exact)}, {product})"
-        return f"lcc_exp_sub({self._print(e)}, {self._print(u)}, {self._print(coeff)}, " \
+        return f"{self._name('lcc_exp_sub')}({self._print(e)}, {self._print(u)}, {self._print(coeff)}, " \
                f"{self._print(rest)}, {product})"
 
     def _leave_one_out(self, expr):
@@ -653,7 +660,7 @@ _CALL = re.compile(r"\b([A-Za-z_]\w*)\(")
 def scalar_calls() -> frozenset:
     """The calls that keep a loop from vectorizing: _SCALAR_LIBM and every prelude helper
     that calls one of them, directly or through another helper."""
-    text = (templates_dir() / "prelude.h.j2").read_text()
+    text = re.sub(r"/\*.*?\*/", "", (templates_dir() / "prelude.h.j2").read_text(), flags=re.S)  # comments
     calls = {}
     for m in re.finditer(r"^(?:LCC_INLINE|static inline|static)\b[^(;=]*?\b(lcc_\w+)\([^)]*\)\s*\{", text, re.M):
         depth, i = 1, m.end()
@@ -748,9 +755,9 @@ def generate(sym: SymbolicLoss) -> KernelSource:
         shared = shared_cse(variant)
         for mode in MODES:
             try:
-                body = kernel_body(shared, mode)
-                clone = vectorizable(body)  # then its loop vectorizes, every branch evaluated
-                body = kernel_body(shared, mode, eager=True) if clone else body
+                eager = kernel_body(shared, mode, eager=True)  # every branch evaluated
+                clone = vectorizable(eager)  # then its loop vectorizes, printed so
+                body = eager if clone else kernel_body(shared, mode)
             except Exception as exc:  # the strict printer met a node it cannot print
                 raise _cannot_generate(spec, variant, exc) from None
             for ctype in DTYPES:
@@ -829,7 +836,7 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
     kept = {}  # lse n -> the symbol its kept z_j prints as
     for s in prog.scalars if reuse and grad else ():
         if s.kind == "lse":
-            z = sympy.Symbol(f"zs{s.n}[j]")
+            z = sympy.Symbol(f"zs{s.n}[jz]")  # jz: j's place in the buffer (rows.c.j2)
             swap = _whole_term(sympy.exp(s.arg - s.shift - s.sym), z * sympy.Symbol(f"er{s.n}"))
             new = [swap(o) for o in outputs[1:]]
             if new != outputs[1:]:
@@ -873,6 +880,7 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
     passes = []
     for p, pass_steps in enumerate(steps.passes, 1):
         exprs, inits, updates, finals = [], [], [], []
+        accs, defs = [], []  # (C type, name): what inits declare and finals define (lanes)
         names = []
         simd = []  # the pass's `omp simd` reduction clauses; None: it runs in order
         for st in pass_steps:
@@ -906,10 +914,12 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
                 continue
             if st.role == "sum" or st.role == "lse_tail":
                 inits.append(f"double acc{n} = 0.0;")
+                accs.append(("double", f"acc{n}"))
                 simd = simd if simd is None else simd + [f"+:acc{n}"]
             if st.role == "sum":
                 updates.append(f"acc{n} += (double){e};")
                 finals.append(f"const {T} r{n} = ({T})acc{n};")
+                defs.append((T, f"r{n}"))
                 if n in loo_used:  # the sum without its largest term, and where that is
                     inits.append(f"double ex{n} = 0.0, big{n} = 0.0;")
                     inits.append(f"int64_t jb{n} = -1;")
@@ -930,25 +940,31 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
             elif st.role == "lse_max":  # the shift only: the tail counts its ties
                 inits.append(f"{T} mx{n} = -INFINITY;")
                 inits.append(f"{T} nan{n} = 0.0;")
+                accs += [(T, f"mx{n}"), (T, f"nan{n}")]
                 updates.append(f"mx{n} = {e} > mx{n} ? {e} : mx{n};")
                 updates.append(f"nan{n} += {e} != {e} ? 1.0 : 0.0;")
                 finals.append(f"if (nan{n} != 0) mx{n} = NAN;")
                 finals.append(f"const {T} m{n} = isinf(mx{n}) ? ({T})0 : mx{n};")
                 finals.append(f"const int fin{n} = isfinite(mx{n});")
                 finals.append(f"const {T} mt{n} = fin{n} ? mx{n} : NAN; /* no class ties a max that is not finite */")
+                defs += [(T, f"m{n}"), ("int", f"fin{n}"), (T, f"mt{n}")]
                 simd = simd if simd is None else simd + [f"max:mx{n}", f"+:nan{n}"]
             else:  # lse_tail: every class but one that equals the max, unless it is not finite
                 inits.append(f"double ties{n} = 0.0;")
+                accs.append(("double", f"ties{n}"))
                 # a product, not a select: GCC would move exp's table loads under the
                 # condition, and a masked gather does not vectorize (z is finite where it ties)
                 updates.append(f"acc{n} += (double){e} * (e{n} == mt{n} ? 0.0 : 1.0);")
                 updates.append(f"ties{n} += e{n} == mt{n} ? 1.0 : 0.0;")
                 finals.append(f"if (ties{n} > 1) acc{n} += ties{n} - 1; /* each tie's term is exp(0) = 1 */")
-                finals.append(f"const {T} r{n} = ({T})(fin{n} ? lcc_log1p(acc{n}) : lcc_log(acc{n}));")
+                # both evaluated: a branch would make the log tables' loads conditional (lanes)
+                finals.append(f"const {T} r{n} = ({T})lcc_select(fin{n}, lcc_log1p(acc{n}), lcc_log(acc{n}));")
+                defs.append((T, f"r{n}"))
                 simd = simd if simd is None else simd + [f"+:ties{n}"]
                 if n in kept:  # the gradient's softmax term is zs[j] * er (reuse)
-                    updates.append(f"zs{n}[j] = {e};")
+                    updates.append(f"zs{n}[jz] = {e};")
                     finals.append(f"const {T} er{n} = lcc_exp(-r{n});")
+                    defs.append((T, f"er{n}"))
         ptemps, preduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(f"t{p}_"), optimizations="basic")
         body = _print_block(ptemps, list(zip(names, preduced)), scaled_sums=scaled_sums, vector=simd is not None)
         passes.append({
@@ -956,6 +972,7 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
             "reads": _reads(exprs, elements), "temps": body,
             "gathers": gathers(steps.after[p - 1]),
             "simd": None if simd is None else " ".join(f"reduction({c})" for c in simd),
+            "accs": accs, "defs": defs,
         })
     row_lines = _print_block(row_temps, [("val", reduced[0])], scaled_sums=scaled_sums)
     read = {name for p in passes for name in p["reads"]}
@@ -985,6 +1002,9 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
     if grad:
         loops.append([*k["simd_grad"]["temps"], *k["simd_grad"]["grads"]] if "simd_grad" in k else [("", "log(0)")])
     k["clone"] = bool(loops) and all(map(vectorizable, loops))
+    # rows in lanes (rows.c.j2): short rows run LCC_LANES at a time, one per vector lane,
+    # where every pass is a simd loop (each lane then runs the pass's updates in order)
+    k["lanes"] = bool(passes) and all(p["simd"] for p in passes) and (not grad or "simd_grad" in k)
     return k
 
 
@@ -1059,10 +1079,14 @@ def _print_block(temps, outputs, known=(), row_sums=None, loo_used=None, scaled_
     scaled_sums (r<n> -> n) are the row sums accumulated scaled (scaled-factor). vector: the
     lines of an `omp simd` loop, printed eagerly (every branch evaluated) where they can
     vectorize at all."""
-    if vector:
-        lines = _print_block(temps, outputs, known, row_sums, loo_used, scaled_sums)
-        if not vectorizable(lines):
-            return lines
+    if vector:  # (loo_used is filled the same either way)
+        eager = _print_lines(temps, outputs, known, row_sums, loo_used, scaled_sums, eager=True)
+        if vectorizable(eager):
+            return eager
+    return _print_lines(temps, outputs, known, row_sums, loo_used, scaled_sums, eager=False)
+
+
+def _print_lines(temps, outputs, known, row_sums, loo_used, scaled_sums, eager: bool) -> list:
     input_temps = set()
     for t, e in [*known, *temps]:
         if reads_input(e, input_temps):
@@ -1072,7 +1096,7 @@ def _print_block(temps, outputs, known=(), row_sums=None, loo_used=None, scaled_
                            local_temps=frozenset(t.name for t, _ in temps), scaled_sums=scaled_sums)
     if loo_used is not None:
         printer.loo_used = loo_used  # filled as the lines print
-    printer.eager = vector
+    printer.eager = eager
     return [(t.name, printer.doprint(e)) for t, e in temps] + \
         [(n, printer.doprint(e)) for n, e in outputs]
 

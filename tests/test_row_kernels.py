@@ -274,6 +274,58 @@ def test_class_axis_anywhere_and_non_contiguous(losses, dtype):
     np.testing.assert_allclose(g3[:, :, 0], g / 2, rtol=4 * EPS[dtype])
 
 
+def _lane_cases(rng, n, nc, dtype):
+    """(name, loss class name, options, label) for row kernels that run short rows in lanes."""
+    y = rng.integers(0, nc, size=n)
+    y_ignored = y.copy()
+    y_ignored[[3, n - 1]] = -100  # ignore_index's default: 0 loss, 0 gradient
+    p = rng.dirichlet(np.ones(nc), size=n).astype(dtype)
+    return [("ce", "SoftmaxCrossEntropyLoss", {}, y), ("ce ignored", "SoftmaxCrossEntropyLoss", {}, y_ignored),
+            ("ce dense", "SoftmaxCrossEntropyLoss", {"sparse_label": False}, p),
+            ("ce logp", "SoftmaxCrossEntropyLoss", {"from_logits": True}, y),
+            ("focal", "SoftmaxFocalLoss", {}, y)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nc", [1, 2, 7, 16, 17])
+def test_short_rows_in_lanes_give_each_row_its_own_bits(losses, dtype, nc):
+    """Rows of at most LCC_LANE_NC = 16 classes run LCC_LANES = 8 at a time, one per vector
+    lane (rows.c.j2); 17 run row by row. Either way a row's value and gradient are the same
+    bits in any batch as alone (a lane past the batch's end repeats a row and stores nothing),
+    and a batch of 19 rows (two groups and a part) matches the row-by-row loop (the same rows
+    twice per sample: class axis 1 of (n, nc, 2)) to rounding."""
+    rng = np.random.default_rng(nc)
+    n = 19
+    x = (rng.normal(size=(n, nc)) * 4).astype(dtype)
+    if nc > 1:
+        x[0, 0] = x[0, 1] = x[0].max()  # a tie at the max
+    logp = (x - np.log(np.exp(x).sum(1, keepdims=True))).astype(dtype)
+    for name, cls, options, label in _lane_cases(rng, n, nc, dtype):
+        xin = logp if options.get("from_logits") else x
+        loss = getattr(losses, cls)(**options)
+        v, g = loss.value_and_grad(xin, label)
+        assert np.all(np.isfinite(v)) and np.all(np.isfinite(g)), name
+        for i in range(n):
+            vi, gi = loss.value_and_grad(xin[i:i + 1], label[i:i + 1])
+            np.testing.assert_array_equal(vi, v[i:i + 1], err_msg=f"{name}: row {i}")
+            np.testing.assert_array_equal(gi, g[i:i + 1], err_msg=f"{name}: row {i}")
+        v2, g2 = getattr(losses, cls)(axis=1, **options).value_and_grad(
+            np.stack([xin, xin], axis=2), np.stack([label, label], axis=-1))
+        tol = 8 * float(EPS[dtype])
+        np.testing.assert_allclose(v2, v, rtol=tol, atol=tol, err_msg=name)
+        np.testing.assert_allclose(g2[:, :, 0] * 2, g, rtol=tol, atol=tol, err_msg=name)
+        if name == "ce ignored":
+            assert v[3] == 0 and v[n - 1] == 0 and not g[3].any() and not g[n - 1].any()
+
+
+def test_a_bad_label_in_lanes_names_its_row(losses):
+    x = np.zeros((19, 5))
+    y = np.zeros(19, np.int64)
+    y[13] = 5
+    with pytest.raises(IndexError, match=r"label\[13\] \(flat position 13\) = 5 is outside \[0, 5\)"):
+        losses.SoftmaxCrossEntropyLoss().value_and_grad(x, y)
+
+
 def test_row_output_buffers(losses):
     x = np.random.default_rng(1).normal(size=(5, 3))
     y = np.array([0, 1, 2, 1, 0])
