@@ -994,6 +994,17 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
             k["simd_grad"] = {"temps": miss_lines[:len(miss_lines) - len(diffs)],
                               "grads": miss_lines[len(miss_lines) - len(diffs):],
                               "hits": [h.name for h in hits]}
+            # lanes: each index's class computed for every lane at once (j = the index, so
+            # its own condition j == index is true), printed eagerly where that vectorizes
+            k["lane_hits"] = []
+            for h in hits:
+                at = {rows.J: h}
+                hit_lines = _print_block([(t, e.xreplace(at)) for t, e in class_temps],
+                                         [(n, e.xreplace(at)) for n, e in zip(diffs, reduced[1:])],
+                                         known=row_temps, row_sums=row_sums, loo_used=loo_used,
+                                         scaled_sums=scaled_sums, vector=True)
+                k["lane_hits"].append({"index": h.name, "temps": hit_lines[:len(hit_lines) - len(diffs)],
+                                       "grads": hit_lines[len(hit_lines) - len(diffs):]})
     k["row_reads"] = [i.name for i in spec.inputs if i.name in read]  # read along whole rows
     k["kept"] = sorted(kept)  # lse n whose z_j a buffer zs<n> keeps (reuse)
     # cloned where every `omp simd` loop vectorizes (one that stays scalar, such as the
@@ -1004,7 +1015,10 @@ def row_kernel(spec, variant, mode: str, reuse=False) -> dict:
     k["clone"] = bool(loops) and all(map(vectorizable, loops))
     # rows in lanes (rows.c.j2): short rows run LCC_LANES at a time, one per vector lane,
     # where every pass is a simd loop (each lane then runs the pass's updates in order)
-    k["lanes"] = bool(passes) and all(p["simd"] for p in passes) and (not grad or "simd_grad" in k)
+    # (an index that a hit names is in range in every lane: checked, or 0 in a skipped row)
+    indices = {f"i_{i.name}" for i in spec.inputs if variant.kinds[i.name] == "index"}
+    k["lanes"] = bool(passes) and all(p["simd"] for p in passes) and \
+        (not grad or ("simd_grad" in k and set(k["simd_grad"]["hits"]) <= indices))
     return k
 
 
