@@ -373,6 +373,13 @@ class Loss:
         value, grads, _ = self._run("vg", args, kwargs, out=out, grad_out=grad_out, wrt=wrt)
         return value, grads
 
+    def torch(self):
+        """This loss as a torch.nn.Module whose forward runs the fused kernel once and whose
+        backward scales the gradient it kept (losscc/torch.py; needs torch installed)."""
+        from .torch import LossModule
+
+        return LossModule(self)
+
     def grad_hess(self, *args, grad_out=None, hess_out=None, **kwargs):
         """(gradient, diagonal second derivative) w.r.t. pred, from one fused pass."""
         if self._rows:
