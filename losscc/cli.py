@@ -34,12 +34,29 @@ def main(argv=None) -> int:
     ls = sub.add_parser("list", help="show the losses of a built module with their parameters")
     ls.add_argument("module", nargs="?", default="build/losses", help="built module folder (default: build/losses)")
 
+    sh = sub.add_parser("show", help="a loss's spec, derived value and derivatives, the stability "
+                                     "rewrites that fired, and the generated C of one kernel")
+    sh.add_argument("name", help="the loss's name or alias (case-insensitive)")
+    sh.add_argument("specs", nargs="*", default=["specs"], help="spec files or folders (default: specs)")
+    sh.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
+                    help="a variant's value (default: the spec's defaults); repeat for several")
+    sh.add_argument("--mode", choices=("v", "vg", "vgh"), default="vg",
+                    help="the kernel whose C is shown: value, value+gradient, +second derivative (default: vg)")
+    sh.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="(default: float64)")
+    sh.add_argument("--plain", action="store_true",
+                    help="a row loss's plain kernel (run when no optional input is given)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
             return _build(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "show":
+            from .show import show
+
+            print(show(args.name, args.specs, args.variant, args.mode, args.dtype, args.plain), end="")
+            return 0
         return _list(args)
     except LossccError as exc:
         print(f"losscc: error: {exc}", file=sys.stderr)

@@ -271,3 +271,65 @@ def test_duplicate_names_across_files(tmp_path):
     shutil.copy(SPECS / "l2.yaml", tmp_path / "b" / "l2.yaml")
     assert_one_line_error(cli("build", "a", "b", "--out", "out", cwd=tmp_path),
                           "b/l2.yaml:1:7: loss name 'l2' is already used by a/l2.yaml (l2)")
+
+
+# --------------------------------------------------------------------------- losscc show
+
+
+def _function(text: str, name: str) -> str:
+    """The definition of C function `name` in `text`, through its closing brace (by hand:
+    the first line that opens its body, then brace counting)."""
+    start = next(i for i, line in enumerate(text.splitlines(keepends=True))
+                 if f" {name}(" in line and not line.rstrip().endswith(";"))
+    lines = text.splitlines(keepends=True)[start:]
+    body, depth = [], 0
+    for line in lines:
+        body.append(line)
+        depth += line.count("{") - line.count("}")
+        if depth == 0 and "}" in line:
+            break
+    return "".join(body).rstrip()
+
+
+def test_show_prints_the_spec_the_derivation_and_the_built_kernel(built):
+    """`losscc show` on a spec: its text, the derivatives (l2's by hand: pred - label, then 1),
+    and the C of the kernel exactly as the build compiled it."""
+    run = cli("show", "L2Loss", SPECS, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert (SPECS / "l2.yaml").read_text().strip() in run.stdout
+    assert "d loss/d pred = -x_label + x_pred" in run.stdout
+    assert "d2 loss/d pred^2 = 1" in run.stdout
+    kernels = (built / "kernels.c").read_text()
+    shown = run.stdout.split("(templates/elementwise.c.j2) ==\n", 1)[1].rstrip()
+    assert shown == _function(kernels, "lcc_l2__base__vg_f64_chunk")
+
+
+def test_show_row_loss_names_its_scalars_rewrites_and_plain_kernel(built):
+    run = cli("show", "softmaxcrossentropyloss", SPECS, "--plain", "--dtype", "float32", cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "m1 + r1 = logsumexp_j(x_pred)" in out and "xg0_1 = pred[i_label]" in out
+    assert "loss = m1 + r1 - xg0_1" in out
+    # softmax - 1 at the label: the expm1 rewrite fired (numerics: no cancellation there)
+    assert "expm1: exp(-m1 - r1 + x_pred) - 1 -> expm1(-m1 - r1 + x_pred)" in out
+    name = "lcc_softmax_cross_entropy__sparse_label_true__from_logits_false__plain__vg_f32_range"
+    assert out.split("(templates/rows.c.j2) ==\n", 1)[1].rstrip() == _function((built / "kernels.c").read_text(), name)
+    dense = cli("show", "softmax_cross_entropy", SPECS, "--variant", "sparse_label=false", "--mode", "v",
+                cwd=ROOT)
+    assert "variant sparse_label=false, from_logits=false" in dense.stdout
+    assert "lcc_softmax_cross_entropy__sparse_label_false__from_logits_false__v_f64_range(" in dense.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("show", "nope", SPECS), "no loss named 'nope' in .* \\(losses: cosine_embedding, hinge"),
+    (("show", "l2", SPECS, "--variant", "from_sigmoid=true"), "l2.yaml:1:7: --variant 'from_sigmoid=true': "
+                                                              "expected NAME=VALUE with NAME a variant of l2"),
+    (("show", "sigmoid_bce", SPECS, "--variant", "from_sigmoid=maybe"), "from_sigmoid takes false, true"),
+    (("show", "kl_div", SPECS, "--mode", "vgh"), "kl_div is a row loss: it has no vgh kernel"),
+    (("show", "huber", SPECS, "--plain"), "huber has no plain kernels"),
+])
+def test_show_errors_are_one_line(args, message):
+    run = cli(*args, cwd=ROOT)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith("losscc: error: ") and run.stderr.count("\n") == 1, run.stderr
+    assert re.search(message, run.stderr), run.stderr
