@@ -292,6 +292,20 @@ class Loss:
 
     _CONFIG = frozenset({"weight", "batch_axis", "reduction", "axis", "params"})
 
+    def _config(self, **changes) -> dict:
+        """The constructor's arguments that make this loss again (with `changes`)."""
+        config = {**self.params, **self.options, "weight": self.weight, "batch_axis": self.batch_axis,
+                  "reduction": self.reduction}
+        if self._rows:
+            config["axis"] = self.axis
+        return {**config, **changes}
+
+    def __copy__(self):
+        return type(self)(**self._config())
+
+    def __deepcopy__(self, memo):  # (LightGBM deep-copies an objective; the kernels are shared)
+        return type(self)(**self._config())
+
     def _kernel(self, key: str, given=()):
         """The kernel for `key` ('vg_float32', ...): the plain one (codegen: no optional
         input read, the params built in) where none of its absent inputs is in `given` and the
@@ -379,6 +393,19 @@ class Loss:
         from .torch import LossModule
 
         return LossModule(self)
+
+    def xgboost_objective(self):
+        """This loss as an XGBoost custom objective (losscc/boosting.py): gradient and second
+        derivative per sample from one fused pass."""
+        from .boosting import XGBoostObjective
+
+        return XGBoostObjective(self)
+
+    def lightgbm_objective(self):
+        """This loss as a LightGBM custom objective (losscc/boosting.py)."""
+        from .boosting import LightGBMObjective
+
+        return LightGBMObjective(self)
 
     def grad_hess(self, *args, grad_out=None, hess_out=None, **kwargs):
         """(gradient, diagonal second derivative) w.r.t. pred, from one fused pass."""
