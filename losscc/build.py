@@ -53,7 +53,26 @@ class BuildReport:
     path: Path
     cache_key: str
     status: str  # "built" or "up to date"
-    lines: list = field(default_factory=list)
+    # per loss, in spec order: name, status ('derived', 'cached' or 'up to date'), variants,
+    # kernels, derive_seconds, objects compiled / cached, compile_seconds (compiler time)
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        """The losses, their kernels and timings, one row each (what `losscc build` ends with)."""
+        rows = [("loss", "variants", "kernels", "derive", "compile")]
+        for r in self.losses:
+            derive = f"{r['derive_seconds']:.2f} s" if r["status"] == "derived" else r["status"]
+            compile_ = (f"{r['compile_seconds']:.1f} s ({r['objects_compiled']} obj)" if r["objects_compiled"]
+                        else "cached" if r["objects_cached"] else "up to date")
+            rows.append((r["name"], str(r["variants"]), str(r["kernels"]), derive, compile_))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        return "\n".join("  " + row[0].ljust(widths[0]) + "".join(f"  {c:>{w}}" for c, w in zip(row[1:], widths[1:]))
+                         for row in rows)
+
+    def to_json(self) -> dict:
+        return {"path": str(self.path), "status": self.status, "cache_key": self.cache_key,
+                "seconds": round(self.seconds, 3), "losses": self.losses}
 
 
 def build(paths, out="build", name="losses", force=False, log=print, verbose=False) -> BuildReport:
@@ -80,19 +99,35 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
     report = BuildReport(path=target, cache_key=key, status="up to date")
     if not force and manifest is not None and manifest.get("cache_key") == key \
             and (target / manifest.get("extension", "")).is_file():
+        built = {m["spec"]: m for m in manifest.get("losses", [])}
         for s in specs:
             log(f"  {s.name}: up to date")
-        log(f"{target}: up to date ({_plural(len(specs), 'loss')}, {time.perf_counter() - t0:.2f} s)")
+            meta = built.get(s.path, {})
+            kernels = meta.get("kernels", {}).values()
+            report.losses.append(_record(s.name, "up to date", len(kernels), sum(
+                len(k.get("names", {})) + len((k.get("plain") or {}).get("names", {})) for k in kernels)))
+        report.seconds = time.perf_counter() - t0
+        log(f"{target}: up to date ({_plural(len(specs), 'loss')}, {report.seconds:.2f} s)")
         return report
 
     out.mkdir(parents=True, exist_ok=True)
-    objects = _Objects(out / ".cache" / "obj", name)
+    lock = threading.Lock()  # progress lines come from the compiling threads too
+
+    def say(text):
+        with lock:
+            log(text)
+
+    objects = _Objects(out / ".cache" / "obj", name, say)
     t1 = time.perf_counter()
     try:  # each loss compiles on the other cores while the next one is derived
         sources = []
         for s in specs:
-            sources.append(_generate_cached(s, out / ".cache", force, log, verbose))
-            objects.submit(sources[-1])
+            t = time.perf_counter()
+            source, status = _generate_cached(s, out / ".cache", force, say, verbose)
+            sources.append(source)
+            report.losses.append(_record(s.name, status, len(source.meta["kernels"]), source.cdef.count(";"),
+                                         time.perf_counter() - t))
+            objects.submit(sources[-1], report.losses[-1])
         folder = _compile(sources, out, name, key, objects, log)
     finally:
         objects.close()
@@ -102,8 +137,17 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
     previous = _publish(folder, target)
     _remove_stale(out, name, keep={folder.name, previous})
     report.status = "built"
-    log(f"{target}: built {_plural(len(specs), 'loss')} in {time.perf_counter() - t0:.1f} s")
+    report.seconds = time.perf_counter() - t0
+    log(report.table())
+    log(f"{target}: built {_plural(len(specs), 'loss')} in {report.seconds:.1f} s")
     return report
+
+
+def _record(name, status, variants, kernels, derive_seconds=0.0) -> dict:
+    """One loss's line of the build report (BuildReport.losses)."""
+    return {"name": name, "status": status, "variants": variants, "kernels": kernels,
+            "derive_seconds": round(derive_seconds, 3), "objects_compiled": 0, "objects_cached": 0,
+            "compile_seconds": 0.0}
 
 
 def _plural(n: int, word: str) -> str:
@@ -141,8 +185,9 @@ def _check_unique(specs):
             seen[n] = f"{s.path} ({s.name})"
 
 
-def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=False) -> KernelSource:
-    """Derive and generate one loss, or reuse the cached result for the same spec bytes."""
+def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=False) -> tuple:
+    """(KernelSource, 'derived' or 'cached'): derive and generate one loss, or reuse the cached
+    result for the same spec bytes."""
     h = hashlib.sha256(f"{__version__}\0{compiler_hash()}\0{_version('sympy')}\0{templates_hash()}\0"
                        f"{spec.path}\0{spec.source_hash}".encode()).hexdigest()
     entry = cache / f"{spec.name}-{h[:24]}.json"
@@ -154,7 +199,7 @@ def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=Fals
         try:
             data = json.loads(entry.read_text())
             log(f"  {spec.name}: cached")
-            return KernelSource(**data)
+            return KernelSource(**data), "cached"
         except (OSError, ValueError, TypeError):
             pass  # a broken cache entry is simply rebuilt
     t = time.perf_counter()
@@ -169,7 +214,7 @@ def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=Fals
             log(f"    [{key}] d2/d{spec.pred.name}2: {k['hessian']}")
     cache.mkdir(parents=True, exist_ok=True)
     _write_atomic(entry, json.dumps(source.__dict__))
-    return source
+    return source, "derived"
 
 
 def _compile(sources, out: Path, name: str, key: str, objects: "_Objects", log=print) -> Path:
@@ -234,20 +279,22 @@ class _Objects:
     """One object file per loss variant: from the cache, or compiled on a pool of threads
     (each runs the C compiler in a subprocess) as soon as the loss is generated."""
 
-    def __init__(self, cache: Path, name: str):
+    def __init__(self, cache: Path, name: str, log=lambda text: None):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.cache, self.name, self.cmd = cache, name, compiler_command()
+        self.cache, self.name, self.cmd, self.log = cache, name, compiler_command(), log
         self.pool = ThreadPoolExecutor(max_workers=usable_cores())
         self.items: list = []  # (object path, future or None), in spec order
         self.fresh = 0
 
-    def submit(self, source: KernelSource):
-        """Queue the loss's objects: one per variant (KernelSource.c_parts)."""
+    def submit(self, source: KernelSource, record: dict):
+        """Queue the loss's objects: one per variant (KernelSource.c_parts); `record` (its
+        line of the build report) gets their count and compiler time, and a progress line is
+        logged when the last of them is done."""
         from .codegen import object_source
 
         self.cache.mkdir(parents=True, exist_ok=True)
-        objs, fresh = [], False
+        objs, futures = [], []
         for i, part in enumerate(source.c_parts or (source.c_source,)):
             text = object_source(dataclasses.replace(source, c_source=part), self.name)
             h = hashlib.sha256("\0".join([*self.cmd, text]).encode()).hexdigest()[:24]
@@ -255,10 +302,27 @@ class _Objects:
             future = None
             if not obj.is_file():
                 future = self.pool.submit(_compile_object, self.cmd, source, text, obj)
-                fresh = True
+                futures.append(future)
             objs.append(obj)
             self.items.append((obj, future))
-        self.fresh += fresh
+        record["objects_cached"] = len(objs) - len(futures)
+        record["objects_compiled"] = len(futures)
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def done(future):
+            error, seconds = future.result()
+            with lock:
+                record["compile_seconds"] = round(record["compile_seconds"] + seconds, 3)
+                left[0] -= 1
+                last = left[0] == 0
+            if last and not error:
+                self.log(f"  {source.name}: compiled {_plural(len(futures), 'object')} "
+                         f"({record['compile_seconds']:.1f} s of compiler time)")
+
+        for future in futures:
+            future.add_done_callback(done)
+        self.fresh += bool(futures)
         for stale in self.cache.glob(f"{source.name}-*.o"):  # older versions of this loss
             if stale not in objs:
                 with contextlib.suppress(OSError):
@@ -266,7 +330,7 @@ class _Objects:
 
     def wait(self) -> list[Path]:
         """Every object, or BuildError with the first failure in spec order."""
-        errors = [f.result() for _, f in self.items if f is not None]
+        errors = [f.result()[0] for _, f in self.items if f is not None]
         first = next((e for e in errors if e), None)
         if first:
             raise BuildError(first)
@@ -276,21 +340,24 @@ class _Objects:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _compile_object(cmd, source, text: str, obj: Path):
-    """Compile one loss's translation unit; None, or the error message naming its spec."""
+def _compile_object(cmd, source, text: str, obj: Path) -> tuple:
+    """Compile one loss's translation unit: (None, or the error message naming its spec;
+    the compiler's seconds)."""
     src = obj.with_name(f".{obj.stem}.{os.getpid()}.{threading.get_ident()}.c")
     tmp = src.with_suffix(".o")
+    t = time.perf_counter()
     try:
         src.write_text(text)
         try:
             run = subprocess.run([*cmd, "-c", str(src), "-o", str(tmp)], capture_output=True, text=True)
         except OSError as exc:  # no such compiler
-            return f"C compiler failed: cannot run {cmd[0]}: {exc.strerror or exc}"
+            return f"C compiler failed: cannot run {cmd[0]}: {exc.strerror or exc}", 0.0
         if run.returncode != 0:
             first = _first_error(run.stderr) or run.stderr.strip() or f"exit status {run.returncode}"
-            return f"C compiler failed on the kernels of {source.meta['spec']} ({source.name}): {first}"
+            return (f"C compiler failed on the kernels of {source.meta['spec']} ({source.name}): {first}",
+                    time.perf_counter() - t)
         os.replace(tmp, obj)
-        return None
+        return None, time.perf_counter() - t
     finally:
         for f in (src, tmp):
             with contextlib.suppress(OSError):

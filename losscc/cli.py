@@ -20,6 +20,10 @@ def main(argv=None) -> int:
     b.add_argument("--name", default="losses", help="module name (default: losses)")
     b.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
     b.add_argument("-v", "--verbose", action="store_true", help="also print each loss's derivation")
+    quiet = b.add_mutually_exclusive_group()
+    quiet.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    quiet.add_argument("--json", action="store_true",
+                       help="print only a JSON report: each loss's status, kernels and timings")
 
     c = sub.add_parser("check", help="prove the numbers: examples, finite differences, and accuracy in "
                                      "ulps against the written formula in arbitrary precision")
@@ -67,9 +71,15 @@ def main(argv=None) -> int:
 
 
 def _build(args) -> int:
+    import json
+
     from .build import build
 
-    build(args.specs, out=args.out, name=args.name, force=args.force, log=print, verbose=args.verbose)
+    log = (lambda text: None) if args.quiet or args.json else print
+    report = build(args.specs, out=args.out, name=args.name, force=args.force, log=log,
+                   verbose=args.verbose and log is print)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
     return 0
 
 

@@ -126,20 +126,29 @@ def _kernel_count() -> int:
 
 
 def _assert_built(run, derived, recompiled):
-    """A build that compiled: one line per loss ('derived' for those in `derived`, else
-    'cached'), the compile line (with how many loss objects were compiled again) and the
-    summary."""
+    """A build that compiled: one line per loss in order ('derived' for those in `derived`,
+    else 'cached'); as the compiler finishes each recompiled loss (from its threads, so in
+    any order after that loss's line), 'compiled N objects'; the compile line (with how many
+    losses were compiled again), the table of losses and the summary."""
     assert run.returncode == 0 and run.stderr == ""
     n = len(NAMES)
-    assert len(run.lines) == n + 2
-    for name, line in zip(NAMES, run.lines):
+    progress = [ln for ln in run.lines if re.fullmatch(r"  \w+: compiled \d+ objects? \(\d+\.\d s of compiler time\)", ln)]
+    lines = [ln for ln in run.lines if ln not in progress]
+    assert len(progress) == recompiled
+    for line in progress:
+        name = line.split(":")[0].strip()
+        assert run.lines.index(line) > run.lines.index(next(ln for ln in lines if ln.startswith(f"  {name}: ")))
+    assert len(lines) == 2 * n + 3
+    for name, line in zip(NAMES, lines):
         if name in derived:
             assert re.fullmatch(rf"  {name}: derived \(\d+\.\d\d s\)", line), line
         else:
             assert line == f"  {name}: cached"
     assert re.fullmatch(rf"  compiled {_kernel_count()} kernels in \d+\.\d s, derivations included "
-                        rf"\({recompiled} of {n} losses recompiled\)", run.lines[n])
-    assert re.fullmatch(rf"out/mymod: built {n} losses in \d+\.\d s", run.lines[n + 1])
+                        rf"\({recompiled} of {n} losses recompiled\)", lines[n])
+    assert lines[n + 1].split() == ["loss", "variants", "kernels", "derive", "compile"]
+    assert [ln.split()[0] for ln in lines[n + 2:2 * n + 2]] == NAMES
+    assert re.fullmatch(rf"out/mymod: built {n} losses in \d+\.\d s", lines[2 * n + 2])
 
 
 def test_first_build_derives_every_loss(session):
@@ -219,16 +228,41 @@ def small(tmp_path_factory) -> Path:
 def test_force_rebuilds_and_verbose_shows_the_derivatives(small):
     run = cli("build", "specs", "--out", "out", "--name", "one", "--force", "-v", cwd=small)
     assert run.returncode == 0 and run.stderr == ""
-    assert len(run.lines) == 5
-    assert re.fullmatch(r"  l2: derived \(\d+\.\d\d s\)", run.lines[0])
+    lines = [ln for ln in run.lines if not ln.startswith("  l2: compiled")]  # (if the object was not cached)
+    assert len(lines) == 7
+    assert re.fullmatch(r"  l2: derived \(\d+\.\d\d s\)", lines[0])
     # d/dpred of 0.5 * (pred - label)**2 is pred - label; the second derivative is 1
-    assert run.lines[1:3] == ["    [base] d/dpred: -x_label + x_pred", "    [base] d2/dpred2: 1"]
+    assert lines[1:3] == ["    [base] d/dpred: -x_label + x_pred", "    [base] d2/dpred2: 1"]
     assert re.fullmatch(r"  compiled 6 kernels in \d+\.\d s, derivations included \([01] of 1 loss recompiled\)",
-                        run.lines[3])
-    assert re.fullmatch(r"out/one: built 1 loss in \d+\.\d s", run.lines[4])
+                        lines[3])
+    assert lines[4].split() == ["loss", "variants", "kernels", "derive", "compile"]
+    assert re.fullmatch(r"  l2 +1 +6 +\d+\.\d\d s +(cached|\d+\.\d s \(1 obj\))", lines[5]), lines[5]
+    assert re.fullmatch(r"out/one: built 1 loss in \d+\.\d s", lines[6])
     again = cli("build", "specs", "--out", "out", "--name", "one", cwd=small)
     assert again.lines == ["  l2: up to date", again.lines[1]]
     assert re.fullmatch(r"out/one: up to date \(1 loss, \d+\.\d\d s\)", again.lines[1])
+
+
+def test_json_and_quiet_for_scripts(small):
+    """--json prints only the report: per loss its status, variants, kernels (l2: 1 variant,
+    v/vg/vgh in float32 and float64) and timings; --quiet prints nothing."""
+    import json
+
+    run = cli("build", "specs", "--out", "out", "--name", "one", "--force", "--json", cwd=small)
+    assert run.returncode == 0 and run.stderr == ""
+    report = json.loads(run.stdout)
+    assert report["status"] == "built" and report["path"] == "out/one" and len(report["cache_key"]) == 64
+    (l2,) = report["losses"]
+    assert l2["name"] == "l2" and l2["status"] == "derived" and (l2["variants"], l2["kernels"]) == (1, 6)
+    assert l2["objects_compiled"] + l2["objects_cached"] == 1 and l2["derive_seconds"] > 0
+    again = json.loads(cli("build", "specs", "--out", "out", "--name", "one", "--json", cwd=small).stdout)
+    assert again["status"] == "up to date" and again["cache_key"] == report["cache_key"]
+    assert again["losses"] == [{**l2, "status": "up to date", "derive_seconds": 0.0, "objects_compiled": 0,
+                                "objects_cached": 0, "compile_seconds": 0.0}]
+    quiet = cli("build", "specs", "--out", "out", "--name", "one", "--force", "-q", cwd=small)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+    bad = cli("build", "nowhere", "--out", "out", "--json", cwd=small)
+    assert bad.returncode == 1 and bad.stdout == "" and "nowhere: no such spec file or folder" in bad.stderr
 
 
 def test_force_repairs_a_damaged_build(small):
