@@ -38,6 +38,13 @@ def main(argv=None) -> int:
     ls = sub.add_parser("list", help="show the losses of a built module with their parameters")
     ls.add_argument("module", nargs="?", default="build/losses", help="built module folder (default: build/losses)")
 
+    pl = sub.add_parser("plot", help="draw each loss and its gradient against the prediction (the "
+                                     "tutorial's curves): one file per loss and an overview sheet")
+    pl.add_argument("specs", nargs="+", help="spec files or folders of *.yaml")
+    pl.add_argument("--out", default="plots", help="folder for the images (default: plots)")
+    pl.add_argument("--build", default="build", help="where to build the kernels (default: build)")
+    pl.add_argument("--format", choices=("svg", "png", "pdf"), default="svg", help="(default: svg)")
+
     sh = sub.add_parser("show", help="a loss's spec, derived value and derivatives, the stability "
                                      "rewrites that fired, and the generated C of one kernel")
     sh.add_argument("name", help="the loss's name or alias (case-insensitive)")
@@ -56,6 +63,11 @@ def main(argv=None) -> int:
             return _build(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "plot":
+            from .plot import plot_specs
+
+            plot_specs(args.specs, args.out, args.build, args.format)
+            return 0
         if args.command == "show":
             from .show import show
 

@@ -1155,6 +1155,7 @@ def runtime_meta(sym: SymbolicLoss) -> dict:
                     for v in sym.variants},
         "examples": [{"inputs": e.inputs, "options": e.options, "loss": e.loss, "grad": e.grad,
                       "where": str(e.loc)} for e in spec.examples],
+        "plot": [[n, list(v) if isinstance(v, tuple) else v] for n, v in spec.plot_inputs()],
     }
 
 

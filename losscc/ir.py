@@ -199,6 +199,24 @@ class LossSpec:
     accuracy_conditioned: bool = False
     # ... only where the variants take these values ((name, value), ...); empty: everywhere
     accuracy_conditioned_when: tuple = ()
+    # `losscc plot`: ((input, value), ...), value a number, "x" (the element that varies) or a
+    # tuple of them (a row); empty: the default (plot.default_inputs)
+    plot: tuple = ()
+
+    def plot_inputs(self) -> tuple:
+        """`plot`, or the tutorial's default for an elementwise loss: the prediction varies,
+        every other required input is 1 where its domain is bounded (a classification label)
+        and 0 elsewhere (a regression target); () for a row loss without a plot section."""
+        if self.plot or self.is_row:
+            return self.plot
+        defaults = {v.name: v.default for v in self.variants}
+        out = [(self.pred.name, "x")]
+        for i in self.inputs[1:]:
+            if i.default is None:
+                d = i.domain_for(defaults)
+                bounded = bool(d.values) or d.simplex or (math.isfinite(d.lo) and math.isfinite(d.hi))
+                out.append((i.name, 1.0 if bounded else 0.0))
+        return tuple(out)
 
     def conditioned_for(self, options: dict) -> bool:
         """Is the accuracy bound conditioned in this variant combination?"""

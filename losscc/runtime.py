@@ -394,6 +394,14 @@ class Loss:
 
         return LossModule(self)
 
+    def plot(self, ax=None, x=None):
+        """Draw this loss against the prediction over [-5, 5) (or `x`), the other inputs fixed
+        as its spec says, with its gradient as a second curve, on matplotlib axes `ax` (new
+        ones if None); returns the axes (losscc/plot.py; needs matplotlib)."""
+        from .plot import draw
+
+        return draw(self, ax, x)
+
     def xgboost_objective(self):
         """This loss as an XGBoost custom objective (losscc/boosting.py): gradient and second
         derivative per sample from one fused pass."""

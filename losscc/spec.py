@@ -28,7 +28,7 @@ RESERVED = frozenset(
      "wrt", "self"}
 )
 TOP_KEYS = ("name", "aliases", "summary", "reference", "doc", "inputs", "params", "variants",
-            "positional", "axis", "let", "loss", "examples", "accuracy")
+            "positional", "axis", "let", "loss", "examples", "accuracy", "plot")
 DEFAULT_ACCURACY = 4.0  # ulps of the true result, for every value and gradient (issue 4)
 COMMON_ARGS = ("weight", "batch_axis")  # constructor arguments every loss has
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -284,12 +284,14 @@ class _Validator:
         accuracy, conditioned, when, reason = DEFAULT_ACCURACY, False, (), ""
         if "accuracy" in top:
             accuracy, conditioned, when, reason = self.accuracy(top["accuracy"][1], variants)
+        plot = self.plot(top["plot"][1], inputs) if "plot" in top else ()
         return LossSpec(
             name=name, path=self.label, loc=self.loc(top["name"][1]), summary=summary,
             reference=reference, doc=doc, aliases=aliases, inputs=inputs, params=params,
             variants=variants, let=let, loss=loss, examples=examples, source_hash=source_hash,
             positional=positional, alias_locs=alias_locs, axis=axis, accuracy=accuracy,
             accuracy_reason=reason, accuracy_conditioned=conditioned, accuracy_conditioned_when=when,
+            plot=plot,
         )
 
     def accuracy(self, node, variants) -> tuple:
@@ -548,6 +550,42 @@ class _Validator:
         if name in seen:
             raise SpecError(loc, f"{kind} name '{name}' is already used by {seen[name]}")
         seen[name] = f"the {kind} at line {loc.line}"
+
+    def plot(self, node, inputs) -> tuple:
+        """plot: {pred: [x, 0], label: 0}: the inputs `losscc plot` draws the loss at, x
+        marking the one element that runs over [-5, 5) (of a differentiable input: its
+        gradient is the second curve); a list is a row. Returns ((name, value), ...), value a
+        number, "x", or a tuple of them."""
+        items = self.mapping(node, "plot")
+        by_name = {i.name: i for i in inputs}
+        self.check_keys(items, list(by_name), "plot")
+        out, varied = [], []
+        for name, (_, vnode) in items.items():
+            inp = by_name[name]
+            cells = vnode.value if isinstance(vnode, yaml.SequenceNode) else None
+            if (cells is not None) != inp.row:
+                self.fail(vnode, f"plot {name}: " + ("a row input takes a list (a row)" if inp.row
+                                                     else "a list is a row, for row inputs only"))
+            value = []
+            for cell in cells if cells is not None else [vnode]:
+                if isinstance(cell, yaml.ScalarNode) and cell.value == "x" and cell.style is None:
+                    if not inp.differentiable:
+                        self.fail(cell, f"plot {name}: x must mark an element of a differentiable input "
+                                        f"(its gradient is drawn)")
+                    varied.append(cell)
+                    value.append("x")
+                else:
+                    value.append(self.number(cell, f"plot {name}"))
+            if cells is not None and not value:
+                self.fail(vnode, f"plot {name} is an empty list")
+            out.append((name, tuple(value) if cells is not None else value[0]))
+        if len(varied) != 1:
+            self.fail(varied[1] if varied else node, "plot: exactly one x must mark the element that varies "
+                                                     f"(found {len(varied)})")
+        missing = [i.name for i in inputs if i.default is None and i.name not in items]
+        if missing:
+            self.fail(node, f"plot needs a value for {', '.join(missing)}")
+        return tuple(out)
 
     def examples(self, node, inputs, params, variants) -> tuple:
         if not isinstance(node, yaml.SequenceNode):

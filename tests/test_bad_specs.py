@@ -34,7 +34,7 @@ HARD_TIMEOUT = 6.0  # a subprocess still running after this is killed (and the t
 # By hand from losscc/expr.py FUNCTIONS, sorted as Python sorts str (capitals first).
 KNOWN_FUNCTIONS = ("Abs, Max, Min, Piecewise, abs, clip, cosh, exp, expm1, log, log1p, log_cosh, log_sigmoid, "
                    "max, min, relu, sigmoid, sign, softplus, sqrt, square, tanh, where")
-TOP_KEYS = "name, aliases, summary, reference, doc, inputs, params, variants, positional, axis, let, loss, examples, accuracy"
+TOP_KEYS = "name, aliases, summary, reference, doc, inputs, params, variants, positional, axis, let, loss, examples, accuracy, plot"
 RESERVED = "axis, batch_axis, grad_out, hess_out, out, reduction, sample_weight, self, weight, wrt"
 IDENT = "must be an ASCII Python identifier, not a keyword, not starting with '_'"
 OS_SYSTEM_TAG = "tag:yaml.org,2002:python/object/apply:os.system"

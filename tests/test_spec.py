@@ -276,6 +276,20 @@ RULES_HEAD = "name: demo\nsummary: A demo loss.\nreference: none\n"  # 3 lines
      "examples:\n  - {pred: 1.0, v: c, loss: 1.0}\n", "10:20: example v: 'c' is not one of ['a', 'b']"),
     ("inputs:\n  pred: {}\nloss: pred\nexamples:\n  - {pred: 1.0, pred: 2.0, loss: 1.0}\n",
      "8:17: duplicate key 'pred' in an example (first at line 8)"),
+    # plot: which inputs `losscc plot` fixes, x marking the one element that varies
+    ("inputs:\n  pred: {}\n  label: {differentiable: true}\nloss: pred\nplot: {pred: x, label: x}\n",
+     "8:24: plot: exactly one x must mark the element that varies (found 2)"),
+    ("inputs:\n  pred: {}\n  label: {}\nloss: pred\nplot: {pred: 1, label: 0}\n",
+     "8:7: plot: exactly one x must mark the element that varies (found 0)"),
+    ("inputs:\n  pred: {}\n  label: {}\nloss: pred\nplot: {pred: 0, label: x}\n",
+     "8:24: plot label: x must mark an element of a differentiable input (its gradient is drawn)"),
+    ("inputs:\n  pred: {}\n  label: {}\nloss: pred\nplot: {pred: [x, 1], label: 0}\n",
+     "8:14: plot pred: a list is a row, for row inputs only"),
+    ("inputs:\n  pred: {}\n  label: {}\nloss: pred\nplot: {pred: x}\n", "8:7: plot needs a value for label"),
+    ("inputs:\n  pred: {}\nloss: pred\nplot: {pred: x, lable: 0}\n",
+     "7:17: unknown key 'lable' in plot (allowed: pred)"),
+    ("inputs:\n  pred: {}\n  label: {}\nloss: pred\nplot: {pred: x, label: one}\n",
+     "8:24: plot label must be a number, got 'one'"),
 ])
 def test_other_spec_rules(body, message):
     with pytest.raises(SpecError) as exc:
