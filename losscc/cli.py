@@ -45,6 +45,11 @@ def main(argv=None) -> int:
     pl.add_argument("--build", default="build", help="where to build the kernels (default: build)")
     pl.add_argument("--format", choices=("svg", "png", "pdf"), default="svg", help="(default: svg)")
 
+    ex = sub.add_parser("export", help="the kernels as a self-contained C library: NAME.h and NAME.c")
+    ex.add_argument("specs", nargs="+", help="spec files or folders of *.yaml")
+    ex.add_argument("--out", default="export", help="output folder (default: export)")
+    ex.add_argument("--name", default="losses", help="file names, NAME.h and NAME.c (default: losses)")
+
     sh = sub.add_parser("show", help="a loss's spec, derived value and derivatives, the stability "
                                      "rewrites that fired, and the generated C of one kernel")
     sh.add_argument("name", help="the loss's name or alias (case-insensitive)")
@@ -67,6 +72,11 @@ def main(argv=None) -> int:
             from .plot import plot_specs
 
             plot_specs(args.specs, args.out, args.build, args.format)
+            return 0
+        if args.command == "export":
+            from .export import export
+
+            export(args.specs, args.out, args.name)
             return 0
         if args.command == "show":
             from .show import show
