@@ -46,9 +46,10 @@ def _options(spec, given: list[str]) -> dict:
 
 def _function(c_source: str, cname: str) -> str:
     """The definition of C function `cname` (through its closing brace)."""
-    m = re.search(rf"^[^\n;]*\b{re.escape(cname)}\(", c_source, re.M)
+    head = re.compile(rf"^[^\n;]*\b{re.escape(cname)}\(", re.M)
+    m = head.search(c_source)
     while m and c_source.find("{", m.end()) > c_source.find(";", m.end()) >= 0:  # a prototype
-        m = re.compile(rf"^[^\n;]*\b{re.escape(cname)}\(", re.M).search(c_source, m.end())
+        m = head.search(c_source, m.end())
     if not m:
         raise SpecError(None, f"generated C has no function {cname}")
     i = c_source.index("{", m.end())
@@ -69,6 +70,8 @@ def show(name: str, paths=("specs",), variant=(), mode: str = "vg", dtype: str =
     from .ir import variant_key
 
     spec = find_spec(name, paths)
+    if mode == "vgh" and spec.is_row:
+        raise SpecError(spec.loc, f"{spec.name} is a row loss: it has no vgh kernel (modes: v, vg)")
     options = _options(spec, list(variant))
     key = variant_key(options)
     sym = derive(spec)
@@ -96,8 +99,6 @@ def show(name: str, paths=("specs",), variant=(), mode: str = "vg", dtype: str =
             out += [f"  {rule}: {before} -> {after}" for rule, before, after in v.rewrites]
         else:
             out.append("rewrites that fired: none")
-    if mode == "vgh" and spec.is_row:
-        raise SpecError(spec.loc, f"{spec.name} is a row loss: it has no vgh kernel (modes: v, vg)")
     if plain and chosen.plain is None:
         raise SpecError(spec.loc, f"{spec.name} has no plain kernels (only row losses with optional inputs do)")
     source = generate(sym).c_source
