@@ -32,7 +32,7 @@ def _per_sample(loss):
     if loss._rows:
         raise TypeError(f"{loss._display}: boosting objectives are for elementwise losses (a row "
                         f"loss's second derivative is not diagonal)")
-    return loss if loss.reduction == "none" else type(loss)(**loss._config(reduction="none"))
+    return loss if loss.reduction == "none" else loss._replace(reduction="none")
 
 
 def _grad_hess(loss, pred, label, weight):

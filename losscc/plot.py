@@ -38,7 +38,7 @@ def plot_data(loss, x=None) -> tuple:
         else:
             arr = np.full(n, float(value))
         args[name] = arr
-    per_point = type(loss)(**loss._config(reduction="none"))
+    per_point = loss._replace(reduction="none")
     value, grad = per_point.value_and_grad(**args, wrt=(varied[0],))
     if varied[1] is not None:
         grad = grad[:, varied[1]]

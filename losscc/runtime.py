@@ -292,19 +292,20 @@ class Loss:
 
     _CONFIG = frozenset({"weight", "batch_axis", "reduction", "axis", "params"})
 
-    def _config(self, **changes) -> dict:
-        """The constructor's arguments that make this loss again (with `changes`)."""
+    def _replace(self, **changes):
+        """This loss made again from its constructor arguments, with `changes` (reduction='none',
+        ...); the compiled kernels are shared."""
         config = {**self.params, **self.options, "weight": self.weight, "batch_axis": self.batch_axis,
                   "reduction": self.reduction}
         if self._rows:
             config["axis"] = self.axis
-        return {**config, **changes}
+        return type(self)(**{**config, **changes})
 
     def __copy__(self):
-        return type(self)(**self._config())
+        return self._replace()
 
-    def __deepcopy__(self, memo):  # (LightGBM deep-copies an objective; the kernels are shared)
-        return type(self)(**self._config())
+    def __deepcopy__(self, memo):  # (LightGBM deep-copies an objective)
+        return self._replace()
 
     def _kernel(self, key: str, given=()):
         """The kernel for `key` ('vg_float32', ...): the plain one (codegen: no optional
