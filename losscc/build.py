@@ -8,6 +8,11 @@ only that spec. Atomic: every build compiles into a fresh folder .<name>-<key>-<
 publishes it by swapping the symlink <name> -> that folder with one rename, so a failed,
 killed or concurrent build never leaves a broken module behind. The folder published
 before stays until the next build (a process may be importing from it); older ones go.
+Concurrent builds share the caches but never depend on another build's files staying
+there: each build hard-links the cached objects it uses into its own work folder first,
+so another build may evict them (a build evicts every object of its module it did not
+use) and nothing is lost but a cache hit. The manifest records each executable file's
+SHA-256, checked on load (runtime._manifest), so a corrupted build is an error, not a crash.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -30,8 +36,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BuildError, SpecError
-from .ir import MANIFEST_FORMAT, KernelSource, LossSpec
-from .resources import compiler_hash, templates_hash, usable_cores
+from .ir import MANIFEST_FORMAT, KernelSource, LossSpec, manifest_checksum
+from .resources import compiler_hash, file_sha256, templates_hash, usable_cores
 from .spec import load_spec, spec_files
 
 # Flags that keep IEEE values: -fno-math-errno and -fno-trapping-math only drop errno and
@@ -117,7 +123,8 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
         with lock:
             log(text)
 
-    objects = _Objects(out / ".cache" / "obj", name, say)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))  # this build's own files
+    objects = _Objects(out / ".cache" / "obj" / name, work / "obj", force, say)
     t1 = time.perf_counter()
     try:  # each loss compiles on the other cores while the next one is derived
         sources = []
@@ -127,10 +134,12 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
             sources.append(source)
             report.losses.append(_record(s.name, status, len(source.meta["kernels"]), source.cdef.count(";"),
                                          time.perf_counter() - t))
-            objects.submit(sources[-1], report.losses[-1])
-        folder = _compile(sources, out, name, key, objects, log)
+            objects.submit(sources[-1], name, report.losses[-1])
+        folder = _compile(sources, out, name, key, objects.wait(), work)
+        objects.evict_unused()
     finally:
         objects.close()
+        shutil.rmtree(work, ignore_errors=True)
     n_kernels = sum(s.cdef.count(";") for s in sources)
     log(f"  compiled {n_kernels} kernels in {time.perf_counter() - t1:.1f} s, derivations included "
         f"({objects.fresh} of {_plural(len(sources), 'loss')} recompiled)")
@@ -217,8 +226,8 @@ def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=Fals
     return source, "derived"
 
 
-def _compile(sources, out: Path, name: str, key: str, objects: "_Objects", log=print) -> Path:
-    """Compile into a fresh hidden folder and return it, complete, or raise BuildError.
+def _compile(sources, out: Path, name: str, key: str, objects: list[Path], work: Path) -> Path:
+    """Link the objects into a fresh hidden folder and return it, complete, or raise BuildError.
 
     Each loss is its own translation unit (the prelude and its kernels), compiled to an
     object file by the C compiler directly, all of them at once on every core, and cached
@@ -230,39 +239,38 @@ def _compile(sources, out: Path, name: str, key: str, objects: "_Objects", log=p
     from .codegen import module_source, template_env
 
     c_source, cdef = module_source(sources, name, key)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
     final = out / f".{name}-{key[:16]}-{work.name.rsplit('-', 1)[-1]}"  # unique per build
+    ffi = cffi.FFI()
     try:
-        objects = objects.wait()
-        ffi = cffi.FFI()
+        ffi.cdef(cdef)
+    except (cffi.CDefError, cffi.FFIError) as exc:
+        raise BuildError(f"internal: generated cffi declarations are invalid: {exc}") from None
+    # the wrapper sees the kernels' prototypes only; their code is in the objects
+    # (-O0 -g0: argument conversion only, which Python's own -O3 -g takes seconds over)
+    ffi.set_source(f"{name}._kernels", "#include <stdint.h>\n" + cdef,
+                   extra_objects=[str(o.resolve()) for o in objects],
+                   extra_compile_args=["-O0", "-g0"], extra_link_args=list(LDFLAGS))
+    with _captured_stderr() as err:
         try:
-            ffi.cdef(cdef)
-        except (cffi.CDefError, cffi.FFIError) as exc:
-            raise BuildError(f"internal: generated cffi declarations are invalid: {exc}") from None
-        # the wrapper sees the kernels' prototypes only; their code is in the objects
-        # (-O0 -g0: argument conversion only, which Python's own -O3 -g takes seconds over)
-        ffi.set_source(f"{name}._kernels", "#include <stdint.h>\n" + cdef,
-                       extra_objects=[str(o.resolve()) for o in objects],
-                       extra_compile_args=["-O0", "-g0"], extra_link_args=list(LDFLAGS))
-        with _captured_stderr() as err:
-            try:
-                so = Path(ffi.compile(tmpdir=str(work / "cffi"), verbose=False))
-            except Exception as exc:  # distutils/setuptools CompileError, LinkError, VerificationError
-                raise BuildError(f"C compiler failed: {_first_error(err.read()) or exc}") from None
-        pkg = work / "pkg"
-        pkg.mkdir()
-        shutil.copy2(so, pkg / so.name)
-        (pkg / "kernels.c").write_text(c_source)
-        manifest = {
-            "format": MANIFEST_FORMAT, "losscc_version": __version__, "module": name, "cache_key": key,
-            "extension": so.name, "losses": [s.meta for s in sources],
-        }
-        (pkg / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (pkg / "__init__.py").write_text(template_env().get_template("package.py.j2").render(
-            name=name, version=__version__, cache_key=key, losses=[s.meta for s in sources]))
-        os.rename(pkg, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            so = Path(ffi.compile(tmpdir=str(work / "cffi"), verbose=False))
+        except Exception as exc:  # distutils/setuptools CompileError, LinkError, VerificationError
+            raise BuildError(f"C compiler failed: {_first_error(err.read()) or exc}") from None
+    pkg = work / "pkg"
+    pkg.mkdir()
+    shutil.copy2(so, pkg / so.name)
+    (pkg / "kernels.c").write_text(c_source)
+    (pkg / "__init__.py").write_text(template_env().get_template("package.py.j2").render(
+        name=name, version=__version__, cache_key=key, losses=[s.meta for s in sources]))
+    manifest = {
+        "format": MANIFEST_FORMAT, "losscc_version": __version__, "module": name, "cache_key": key,
+        "extension": so.name, "python": sysconfig.get_config_var("EXT_SUFFIX"),
+        # what load checks before it runs anything of the build
+        "files": {f: file_sha256(pkg / f) for f in ("__init__.py", so.name)},
+        "losses": [s.meta for s in sources],
+    }
+    manifest["checksum"] = manifest_checksum(manifest)
+    (pkg / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    os.rename(pkg, final)
     return final
 
 
@@ -277,34 +285,42 @@ def compiler_command() -> list[str]:
 
 class _Objects:
     """One object file per loss variant: from the cache, or compiled on a pool of threads
-    (each runs the C compiler in a subprocess) as soon as the loss is generated."""
+    (each runs the C compiler in a subprocess) as soon as the loss is generated.
 
-    def __init__(self, cache: Path, name: str, log=lambda text: None):
+    `cache` holds one module's objects, shared by every build of it; `own` is this build's
+    folder, where each object it uses is hard-linked (copied where links are not possible)
+    before the link step, so a concurrent build evicting it from the cache takes nothing away.
+    """
+
+    def __init__(self, cache: Path, own: Path, force: bool = False, log=lambda text: None):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.cache, self.name, self.cmd, self.log = cache, name, compiler_command(), log
+        self.cache, self.own, self.force, self.cmd, self.log = cache, own, force, compiler_command(), log
         self.pool = ThreadPoolExecutor(max_workers=usable_cores())
-        self.items: list = []  # (object path, future or None), in spec order
+        self.items: list = []  # (this build's object path, future or None), in spec order
+        self.used: set = set()  # names of the cached objects this build uses
         self.fresh = 0
 
-    def submit(self, source: KernelSource, record: dict):
+    def submit(self, source: KernelSource, module: str, record: dict):
         """Queue the loss's objects: one per variant (KernelSource.c_parts); `record` (its
         line of the build report) gets their count and compiler time, and a progress line is
         logged when the last of them is done."""
         from .codegen import object_source
 
         self.cache.mkdir(parents=True, exist_ok=True)
+        self.own.mkdir(parents=True, exist_ok=True)
         objs, futures = [], []
         for i, part in enumerate(source.c_parts or (source.c_source,)):
-            text = object_source(dataclasses.replace(source, c_source=part), self.name)
+            text = object_source(dataclasses.replace(source, c_source=part), module)
             h = hashlib.sha256("\0".join([*self.cmd, text]).encode()).hexdigest()[:24]
-            obj = self.cache / f"{source.name}-{i}-{h}.o"
+            obj, own = self.cache / f"{source.name}-{i}-{h}.o", self.own / f"{source.name}-{i}.o"
             future = None
-            if not obj.is_file():
-                future = self.pool.submit(_compile_object, self.cmd, source, text, obj)
+            if self.force or not _pin(obj, own):
+                future = self.pool.submit(_compile_object, self.cmd, source, text, obj, own)
                 futures.append(future)
-            objs.append(obj)
-            self.items.append((obj, future))
+            objs.append(own)
+            self.items.append((own, future))
+            self.used.add(obj.name)
         record["objects_cached"] = len(objs) - len(futures)
         record["objects_compiled"] = len(futures)
         left = [len(futures)]
@@ -323,10 +339,19 @@ class _Objects:
         for future in futures:
             future.add_done_callback(done)
         self.fresh += bool(futures)
-        for stale in self.cache.glob(f"{source.name}-*.o"):  # older versions of this loss
-            if stale not in objs:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
+
+    def evict_unused(self):
+        """Remove the module's cached objects this build did not use (older versions of its
+        losses, removed losses) and compiler leftovers of killed builds."""
+        now = time.time()
+        old_layout = self.cache.parent.glob("*.o")  # every module's objects in one folder
+        for p in [*self.cache.iterdir(), *old_layout]:
+            with contextlib.suppress(OSError):
+                if p.name.startswith("."):  # a compile in progress, or left by a killed build
+                    if now - p.stat().st_mtime > STALE_SECONDS:
+                        p.unlink()
+                elif p.name not in self.used:
+                    p.unlink()
 
     def wait(self) -> list[Path]:
         """Every object, or BuildError with the first failure in spec order."""
@@ -340,9 +365,24 @@ class _Objects:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _compile_object(cmd, source, text: str, obj: Path) -> tuple:
-    """Compile one loss's translation unit: (None, or the error message naming its spec;
-    the compiler's seconds)."""
+def _pin(obj: Path, own: Path) -> bool:
+    """Link the cached object `obj` to `own` (this build's copy); False if it is not cached."""
+    try:
+        os.link(obj, own)
+    except FileNotFoundError:
+        return False
+    except OSError:  # no hard links on this file system: a copy holds it as well
+        try:
+            shutil.copyfile(obj, own)
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def _compile_object(cmd, source, text: str, obj: Path, own: Path) -> tuple:
+    """Compile one loss's translation unit into the cache at `obj` and this build's `own`:
+    (None, or the error message naming its spec or the file that could not be written; the
+    compiler's seconds). It runs on a pool thread, so it returns its errors, never raises."""
     src = obj.with_name(f".{obj.stem}.{os.getpid()}.{threading.get_ident()}.c")
     tmp = src.with_suffix(".o")
     t = time.perf_counter()
@@ -356,8 +396,12 @@ def _compile_object(cmd, source, text: str, obj: Path) -> tuple:
             first = _first_error(run.stderr) or run.stderr.strip() or f"exit status {run.returncode}"
             return (f"C compiler failed on the kernels of {source.meta['spec']} ({source.name}): {first}",
                     time.perf_counter() - t)
+        if not _pin(tmp, own):
+            return f"C compiler failed on the kernels of {source.meta['spec']}: no object file", 0.0
         os.replace(tmp, obj)
         return None, time.perf_counter() - t
+    except OSError as exc:  # a full disk, a read-only cache
+        return f"cannot build under {exc.filename or obj.parent}: {exc.strerror or exc}", time.perf_counter() - t
     finally:
         for f in (src, tmp):
             with contextlib.suppress(OSError):
@@ -365,8 +409,11 @@ def _compile_object(cmd, source, text: str, obj: Path) -> tuple:
 
 
 def _first_error(stderr: str) -> str:
-    """The compiler's first line that mentions an error, or ''."""
-    return next((ln.strip() for ln in stderr.splitlines() if "error" in ln), "")
+    """The compiler's first line that reports an error, or ''. collect2's summary ("ld returned
+    1 exit status") is the last resort: the linker's own line says why ("final link failed:
+    No space left on device")."""
+    lines = [ln.strip() for ln in stderr.splitlines() if re.search(r"error|failed", ln, re.IGNORECASE)]
+    return next((ln for ln in lines if not ln.startswith("collect2:")), lines[0] if lines else "")
 
 
 def _publish(folder: Path, target: Path) -> str | None:
@@ -378,7 +425,7 @@ def _publish(folder: Path, target: Path) -> str | None:
         link.unlink()
     os.symlink(folder.name, link)
     if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)  # an older build copied here as a folder (it has a manifest)
+        shutil.rmtree(target, ignore_errors=True)  # an older build copied here as a folder (it has a manifest)
     os.replace(link, target)
     return previous
 
@@ -387,7 +434,7 @@ def _remove_stale(out: Path, name: str, keep: set):
     """Remove build folders and leftovers of killed builds: all but `keep`, once they are
     older than STALE_SECONDS (younger ones may belong to a build running right now)."""
     now = time.time()
-    for pattern in (f".{name}-*", f".{name}.tmp-*", f".{name}.link-*"):
+    for pattern in (f".{name}-*", f".{name}.tmp-*", f".{name}.link-*", ".cache/.*.tmp"):
         for p in out.glob(pattern):
             try:
                 if p.name not in keep and now - p.lstat().st_mtime > STALE_SECONDS:
@@ -407,7 +454,7 @@ def _read_manifest(target: Path):
 
 
 def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 

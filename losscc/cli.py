@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     b.add_argument("specs", nargs="+", help="spec files or folders of *.yaml")
     b.add_argument("--out", default="build", help="output folder (default: build)")
     b.add_argument("--name", default="losses", help="module name (default: losses)")
-    b.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
+    b.add_argument("--force", action="store_true", help="re-derive and recompile everything, even if nothing changed")
     b.add_argument("-v", "--verbose", action="store_true", help="also print each loss's derivation")
     quiet = b.add_mutually_exclusive_group()
     quiet.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")

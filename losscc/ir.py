@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Version of the manifest.json a build writes for the runtime; bump it when its fields change.
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of a manifest's content without its own "checksum" field (load checks it)."""
+    import hashlib
+    import json
+
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,15 @@ import math
 import numbers
 import os
 import sys
+import sysconfig
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 
 from .errors import LoadError
-from .ir import MANIFEST_FORMAT, bound_error, variant_key
-from .resources import usable_cores
+from .ir import MANIFEST_FORMAT, bound_error, manifest_checksum, variant_key
+from .resources import file_sha256, usable_cores
 
 REDUCTIONS = ("none", "mean", "sum")
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes that have kernels
@@ -94,6 +95,7 @@ def load_module(path):
     spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
                                                   submodule_search_locations=[str(path)])
     module = importlib.util.module_from_spec(spec)
+    module._manifest = manifest  # verified: bind_package need not hash the files again
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
@@ -104,6 +106,8 @@ def load_module(path):
 
 
 def _manifest(path: Path) -> dict:
+    """The build's manifest, or LoadError saying what is wrong and to rebuild: checked against
+    its checksum, and every file the build runs against the SHA-256 it lists."""
     hint = "run `losscc build SPECS --out DIR --name NAME` to (re)build it"
     try:
         manifest = json.loads((path / "manifest.json").read_text())
@@ -111,19 +115,32 @@ def _manifest(path: Path) -> dict:
         raise LoadError(f"{path}: not a losscc build (no manifest.json); {hint}") from None
     except (OSError, ValueError) as exc:
         raise LoadError(f"{path}: unreadable manifest.json ({exc}); {hint}") from None
+    if not isinstance(manifest, dict):
+        raise LoadError(f"{path}: unreadable manifest.json (not a JSON object); {hint}")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise LoadError(f"{path}: built by another losscc version (manifest format "
                         f"{manifest.get('format')!r}, this losscc reads {MANIFEST_FORMAT}); {hint}")
-    if not (path / "__init__.py").is_file() or not (path / manifest.get("extension", "?")).is_file():
-        raise LoadError(f"{path}: the build is incomplete (missing __init__.py or the compiled "
-                        f"kernels); {hint}")
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise LoadError(f"{path}: the build is corrupted (manifest.json was changed after the build); {hint}")
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    if manifest.get("python") != suffix:
+        raise LoadError(f"{path}: built for another Python ({manifest.get('python')!r}; this is "
+                        f"{suffix!r}); {hint}")
+    # Every file the build executes must be the one it wrote (a truncated copy, a stray edit,
+    # another build's kernels): checked before any of it runs.
+    files = manifest.get("files") or {}
+    for name in ("__init__.py", manifest.get("extension")):
+        if not isinstance(name, str) or name not in files or not (path / name).is_file():
+            raise LoadError(f"{path}: the build is incomplete ({name} is missing); {hint}")
+        if file_sha256(path / name) != files[name]:
+            raise LoadError(f"{path}: the build is corrupted ({name} is not the file it built); {hint}")
     return manifest
 
 
 def bind_package(ns: dict):
     """Fill a generated package's namespace with one Loss class per spec (and its aliases)."""
     here = Path(ns["__file__"]).parent
-    manifest = _manifest(here)
+    manifest = ns.get("_manifest") or _manifest(here)  # `import NAME` from the build's parent
     try:
         kernels = importlib.import_module(ns["__name__"] + "._kernels")
     except ImportError as exc:
