@@ -52,6 +52,7 @@ CFLAGS = ("-O2", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-fno-tree
 LDFLAGS = ("-pthread",)
 MANIFEST = "manifest.json"
 STALE_SECONDS = 60  # an unused build folder older than this is removed by the next build
+UNUSED_DERIVATION_SECONDS = 7 * 86400  # a cached derivation of a loss not built for a week goes
 
 
 @dataclass
@@ -144,7 +145,7 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
     log(f"  compiled {n_kernels} kernels in {time.perf_counter() - t1:.1f} s, derivations included "
         f"({objects.fresh} of {_plural(len(sources), 'loss')} recompiled)")
     previous = _publish(folder, target)
-    _remove_stale(out, name, keep={folder.name, previous})
+    _remove_stale(out, name, keep={folder.name, previous}, losses={s.name for s in specs})
     report.status = "built"
     report.seconds = time.perf_counter() - t0
     log(report.table())
@@ -207,6 +208,8 @@ def _generate_cached(spec: LossSpec, cache: Path, force: bool, log, verbose=Fals
     if not force and entry.is_file():
         try:
             data = json.loads(entry.read_text())
+            with contextlib.suppress(OSError):
+                os.utime(entry)  # in use: _remove_stale keeps it
             log(f"  {spec.name}: cached")
             return KernelSource(**data), "cached"
         except (OSError, ValueError, TypeError):
@@ -430,10 +433,16 @@ def _publish(folder: Path, target: Path) -> str | None:
     return previous
 
 
-def _remove_stale(out: Path, name: str, keep: set):
+def _remove_stale(out: Path, name: str, keep: set, losses: set = frozenset()):
     """Remove build folders and leftovers of killed builds: all but `keep`, once they are
-    older than STALE_SECONDS (younger ones may belong to a build running right now)."""
+    older than STALE_SECONDS (younger ones may belong to a build running right now); and the
+    derivations of losses not in `losses` (removed ones; another module's, if several share
+    the folder) unused for UNUSED_DERIVATION_SECONDS."""
     now = time.time()
+    for p in (out / ".cache").glob("*.json"):
+        with contextlib.suppress(OSError):
+            if p.name.split("-")[0] not in losses and now - p.stat().st_mtime > UNUSED_DERIVATION_SECONDS:
+                p.unlink()
     for pattern in (f".{name}-*", f".{name}.tmp-*", f".{name}.link-*", ".cache/.*.tmp"):
         for p in out.glob(pattern):
             try:

@@ -197,6 +197,23 @@ def test_derivation_cache_keeps_one_entry_per_loss(two_specs, tmp_path):
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "out" / ".cache").glob("*.json")) == ["l1", "l2"]
 
 
+def test_a_removed_loss_leaves_nothing_in_the_caches(two_specs, tmp_path, monkeypatch):
+    specs = tmp_path / "specs"
+    shutil.copytree(two_specs, specs)
+    _build(specs, tmp_path / "out")
+    cache = tmp_path / "out" / ".cache"
+    assert sorted(p.name.split("-")[0] for p in (cache / "obj" / "losses").iterdir()) == ["l1", "l2"]
+    (specs / "l1.yaml").unlink()
+    _build(specs, tmp_path / "out")
+    # its object goes at once (this module's build did not use it) ...
+    assert [p.name.split("-")[0] for p in (cache / "obj" / "losses").iterdir()] == ["l2"]
+    # ... its derivation once unused for a week (another module in this folder may use it)
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.json")) == ["l1", "l2"]
+    monkeypatch.setattr("losscc.build.UNUSED_DERIVATION_SECONDS", -1)
+    _build(specs, tmp_path / "out", force=True)
+    assert [p.name.split("-")[0] for p in cache.glob("*.json")] == ["l2"]
+
+
 def test_inputs_named_like_the_kernels_own_names(tmp_path):
     # w, h, sw, lw, wq, g_pred, q_pred: each must stay the spec's input, with its own strides
     specs = tmp_path / "specs"
