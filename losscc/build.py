@@ -124,7 +124,7 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
         with lock:
             log(text)
 
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))  # this build's own files
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=out))  # this build's own files
     objects = _Objects(out / ".cache" / "obj" / name, work / "obj", force, say)
     t1 = time.perf_counter()
     try:  # each loss compiles on the other cores while the next one is derived
@@ -351,7 +351,7 @@ class _Objects:
         for p in [*self.cache.iterdir(), *old_layout]:
             with contextlib.suppress(OSError):
                 if p.name.startswith("."):  # a compile in progress, or left by a killed build
-                    if now - p.stat().st_mtime > STALE_SECONDS:
+                    if _abandoned(p, now):
                         p.unlink()
                 elif p.name not in self.used:
                     p.unlink()
@@ -434,8 +434,8 @@ def _publish(folder: Path, target: Path) -> str | None:
 
 
 def _remove_stale(out: Path, name: str, keep: set, losses: set = frozenset()):
-    """Remove build folders and leftovers of killed builds: all but `keep`, once they are
-    older than STALE_SECONDS (younger ones may belong to a build running right now); and the
+    """Remove build folders and leftovers of killed builds: all but `keep`, once abandoned
+    (younger ones, or a running build's, may be in use right now); and the
     derivations of losses not in `losses` (removed ones; another module's, if several share
     the folder) unused for UNUSED_DERIVATION_SECONDS."""
     now = time.time()
@@ -446,13 +446,31 @@ def _remove_stale(out: Path, name: str, keep: set, losses: set = frozenset()):
     for pattern in (f".{name}-*", f".{name}.tmp-*", f".{name}.link-*", ".cache/.*.tmp"):
         for p in out.glob(pattern):
             try:
-                if p.name not in keep and now - p.lstat().st_mtime > STALE_SECONDS:
+                if p.name not in keep and _abandoned(p, now):
                     if p.is_symlink() or not p.is_dir():
                         p.unlink()
                     else:
                         shutil.rmtree(p, ignore_errors=True)
             except OSError:
                 pass
+
+
+def _abandoned(p: Path, now: float) -> bool:
+    """Whether a build's temporary file or folder is left over: older than STALE_SECONDS and,
+    where its name carries the process id of its build (.losses.tmp-PID-*, .losses.link-PID,
+    .OBJECT.PID.THREAD.c), that process is gone (a long build's files can be old)."""
+    if now - p.lstat().st_mtime <= STALE_SECONDS:
+        return False
+    m = re.search(r"\.(?:tmp|link)-(\d+)|\.(\d+)\.\d+\.(?:c|o|tmp)$", p.name)
+    if m is None:
+        return True
+    try:
+        os.kill(int(m[1] or m[2]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # another user's process: alive
+        return False
+    return False
 
 
 def _read_manifest(target: Path):

@@ -131,6 +131,27 @@ def test_a_build_killed_at_any_moment_leaves_the_previous_module(tmp_path, monke
     assert len(list((out / ".cache" / "obj" / "losses").iterdir())) == 1  # the object in use, only
 
 
+def test_a_long_builds_files_are_never_taken_for_leftovers(tmp_path, monkeypatch):
+    # Age alone cannot tell a killed build's files from those of a build still deriving after
+    # a minute: a file whose name carries a live process id stays, a dead one's goes.
+    from losscc.build import _remove_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {f".losses.tmp-{os.getpid()}-abc": True, f".losses.tmp-{dead.pid}-abc": False,
+             f".losses.link-{os.getpid()}": True, f".losses.link-{dead.pid}": False,
+             ".losses.tmp-nopid": False}
+    for n in names:
+        (tmp_path / n).mkdir()
+    (tmp_path / ".cache").mkdir()
+    for n, alive in ((f".l2.json.{os.getpid()}.1.tmp", True), (f".l2.json.{dead.pid}.1.tmp", False)):
+        (tmp_path / ".cache" / n).write_text("{")
+        names[f".cache/{n}"] = alive
+    monkeypatch.setattr("losscc.build.STALE_SECONDS", -1)
+    _remove_stale(tmp_path, "losses", keep=set())
+    assert {n: (tmp_path / n).exists() for n in names} == names
+
+
 # ---------------------------------------------------------------------------- damaged build folders
 
 
