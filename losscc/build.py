@@ -234,7 +234,7 @@ def _compile(sources, out: Path, name: str, key: str, objects: list[Path], work:
 
     Each loss is its own translation unit (the prelude and its kernels), compiled to an
     object file by the C compiler directly, all of them at once on every core, and cached
-    under out/.cache/obj by a hash of its source and the compiler command: editing one spec
+    under out/.cache/obj/<name> by a hash of its source and the compiler command: editing one spec
     recompiles one object. cffi then compiles only its small wrapper and links the objects.
     """
     import cffi
@@ -400,7 +400,7 @@ def _compile_object(cmd, source, text: str, obj: Path, own: Path) -> tuple:
             return (f"C compiler failed on the kernels of {source.meta['spec']} ({source.name}): {first}",
                     time.perf_counter() - t)
         if not _pin(tmp, own):
-            return f"C compiler failed on the kernels of {source.meta['spec']}: no object file", 0.0
+            return f"C compiler failed on the kernels of {source.meta['spec']} ({source.name}): no object file", 0.0
         os.replace(tmp, obj)
         return None, time.perf_counter() - t
     except OSError as exc:  # a full disk, a read-only cache
