@@ -44,6 +44,9 @@ class CType:
 DTYPES = (CType("float", "f32", "float32"), CType("double", "f64", "float64"))
 COMPUTE = "double"  # the C type every kernel computes in
 MODES = ("v", "vg", "vgh")
+# The C of one variant's kernels (one compile unit, the prelude apart). The specs here make
+# at most 64 KiB; gcc -O2 takes some 45 s on 200 KiB of row kernels (and 700 MiB).
+MAX_UNIT_CHARS = 192 * 1024
 
 
 # Factors equal to e^u (to within 2^-1022 of it) wherever they are below the normal range
@@ -692,7 +695,26 @@ def template_env() -> jinja2.Environment:
     )
     env.globals["exp_table"] = exp_table()
     env.globals["log_table"] = log_table()
+    env.filters["c_comment"] = c_comment
+    env.filters["py_docstring"] = py_docstring
     return env
+
+
+def c_comment(text: str) -> str:
+    """`text` (a spec's path or summary) as one line that cannot end the /* */ comment it is
+    written into: line breaks and other control characters become spaces (so no backslash
+    or ??/ can splice a '*' to the next line's '/'), and '*/' becomes '* /'."""
+    line = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    return line.replace("*/", "* /")
+
+
+def py_docstring(text: str) -> str:
+    """`text` as one line inside a generated triple-quoted docstring: whitespace runs become one
+    space, backslashes and double quotes are escaped (no quote can end the string, however
+    many follow each other) and any other unprintable character becomes its escape."""
+    line = " ".join(str(text).split())
+    return "".join(ch.encode("unicode_escape").decode("ascii") if not ch.isprintable()
+                   else "\\" + ch if ch in '\\"' else ch for ch in line)
 
 
 @functools.lru_cache(maxsize=None)
@@ -783,6 +805,12 @@ def _source(sym: SymbolicLoss, env, shape: str, ctx: dict) -> KernelSource:
     variants = dict.fromkeys(k["variant"] for k in ctx["kernels"])
     parts = tuple(template.render(**dict(ctx, kernels=[k for k in ctx["kernels"] if k["variant"] == v]))
                   for v in variants)
+    for key, part in zip(variants, parts):
+        if len(part) > MAX_UNIT_CHARS:
+            spec = sym.spec
+            raise BuildError(f"{spec.loc}: {spec.name}: the C of variant '{key}' is {len(part) // 1024} "
+                             f"KiB, more than the {MAX_UNIT_CHARS // 1024} KiB allowed (a C compiler "
+                             "would take minutes): simplify the formula")
     return KernelSource(name=sym.spec.name, c_source=template.render(**ctx),
                         cdef=env.get_template(f"{shape}.cdef.j2").render(**ctx), meta=runtime_meta(sym),
                         c_parts=parts)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import sympy
 from sympy.codegen.cfunctions import expm1, log1p
@@ -22,6 +24,19 @@ from .rows import NCLASS, LogSumExp, RowMax, RowMin, RowSum, outside_reductions,
 MAX_NODES = 5000  # ast nodes in one formula
 MAX_DEPTH = 100  # nesting depth
 MAX_POWER = 64  # largest integer exponent
+MAX_DIGITS = 400  # digits of one number (a double needs 17; 1e-320 written out, 320)
+# Estimates of what a formula costs to differentiate and compile (formula_cost), checked
+# before sympy takes any derivative. The size (sympy tree nodes) of the second derivative of
+# an elementwise loss and of the gradient of a row loss: sympy's time grows faster than the
+# size (some 3 s at the limit: a product of 15 tanh, 30 nested exp, a let chain
+# a_k = a_(k-1)**2 + a_(k-1) six deep); the specs here stay under 600. A row loss's kernels
+# grow with the nesting of its reductions (the specs here nest 2), and a C compiler's time
+# with the number of Piecewise pieces (200 take it 25 s; the specs here have 3).
+MAX_DERIVATIVE_PARTS = 10000
+MAX_ROW_GRADIENT_PARTS = 2500
+MAX_REDUCTION_DEPTH = 3
+MAX_PIECES = 100
+_NUMBER = re.compile(r"(?<![\w.])(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d[\d_]*)?")
 
 
 def _piecewise_placeholder(*args):  # Piecewise's (expr, cond) pairs are handled in _call
@@ -176,6 +191,17 @@ class _Parser:
         text = self.formula.text
         if "\x00" in text:
             raise SpecError(self.formula.loc_of(text.index("\x00")), f"{self.what}: contains a NUL character")
+        if not text.isascii():
+            # Python reads identifiers in NFKC form: a fullwidth or other look-alike letter
+            # would silently name an ASCII input or function.
+            i, ch = next((i, ch) for i, ch in enumerate(text) if not ch.isascii())
+            raise SpecError(self.formula.loc_of(i), f"{self.what}: character {ch!r} (U+{ord(ch):04X}) "
+                                                    "is not ASCII: formulas are written in ASCII")
+        for m in _NUMBER.finditer(text):
+            digits = sum(c.isdigit() for c in m.group())
+            if digits > MAX_DIGITS:
+                raise SpecError(self.formula.loc_of(m.start()), f"{self.what}: number has {digits} "
+                                                                f"digits, more than the {MAX_DIGITS} allowed")
         try:
             return ast.parse(text, mode="eval")
         except SyntaxError as exc:
@@ -247,10 +273,11 @@ class _Parser:
             self.fail(node, "infinite value")
         if result.is_number:
             value = result.evalf(30)
+            shown = str(result) if len(str(result)) <= 40 else f"{sympy.N(result, 6)}"
             if not value.is_real:
-                self.fail(node, f"constant {result} is not a real number")
+                self.fail(node, f"constant {shown} is not a real number")
             if not math.isfinite(float(value)):
-                self.fail(node, f"constant {result} is beyond the range of double")
+                self.fail(node, f"constant {shown} is beyond the range of double")
         return result
 
     def visit_Constant(self, node, depth):
@@ -281,7 +308,7 @@ class _Parser:
         if name in FUNCTIONS:
             self.fail(node, f"'{name}' is a function: call it, e.g. {name}(x)")
         known = sorted([*scope.symbols, *scope.lets, *scope.variants, *CONSTANTS])
-        self.fail(node, f"unknown name '{name}' (known: {', '.join(known)})")
+        self.fail(node, f"unknown name {_show(name)} (known: {', '.join(known)})")
 
     def visit_UnaryOp(self, node, depth):
         if isinstance(node.op, ast.Not):
@@ -331,12 +358,12 @@ class _Parser:
         if isinstance(b, Variant) and not isinstance(a, Variant):
             (a_node, a), (b_node, b) = (b_node, b), (a_node, a)
         if not isinstance(a, Variant):
-            self.fail(node, f"cannot compare {a!r} with {b!r}: one side must be a variant")
+            self.fail(node, f"cannot compare {_show(a)} with {_show(b)}: one side must be a variant")
         other = b.value if isinstance(b, Variant) else b
         if isinstance(b, Variant) and b.values != a.values:
             self.fail(node, f"variants '{a.name}' and '{b.name}' have different values")
         if other not in a.values or type(other) is not type(a.values[0]):
-            self.fail(b_node, f"{other!r} is not a value of variant '{a.name}' "
+            self.fail(b_node, f"{_show(other)} is not a value of variant '{a.name}' "
                               f"(values: {', '.join(map(repr, a.values))})")
         return (a.value == other) if isinstance(op, ast.Eq) else (a.value != other)
 
@@ -380,7 +407,7 @@ class _Parser:
             row_call = False
         if name not in FUNCTIONS and not row_call:
             known = sorted({*FUNCTIONS, *(ROW_FUNCTIONS if self.scope.row else ())})
-            self.fail(node.func, f"unknown function '{name}' (known: {', '.join(known)})")
+            self.fail(node.func, f"unknown function {_show(name)} (known: {', '.join(known)})")
         if node.keywords:
             self.fail(node, f"{name}() takes no keyword arguments")
         builder, arity = (ROW_FUNCTIONS if row_call else FUNCTIONS)[name]
@@ -408,6 +435,12 @@ class _Parser:
         return sympy.Piecewise(*pieces)
 
 
+def _show(value, limit: int = 60) -> str:
+    """repr(value) for a message, cut to `limit` characters."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _closes_early(wrapped: str) -> bool:
     """True if the '(' we put in front is closed before the ')' we put at the end, i.e. the
     text's own brackets do not balance (\"a) + (b\" must stay an error)."""
@@ -430,7 +463,78 @@ def parse_formula(formula: Formula, scope: Scope, what: str = "loss"):
     if isinstance(expr, (str, Variant)) or _is_condition(expr):
         raise SpecError(formula.loc_of(0), f"{what}: must be a number-valued expression, "
                                            "not text, a variant or a condition")
+    _check_cost(formula, expr, scope.row is not None, what)
     return expr
+
+
+class Cost(NamedTuple):
+    size: int  # tree nodes, every use of a shared subexpression (a let) counted
+    grad: int  # estimated tree nodes of the first derivative (w.r.t. any one input)
+    hess: int  # ... of the second derivative
+    pieces: int  # Piecewise pieces (where, if-else, Piecewise), every use counted
+    reductions: int  # row losses: reductions nested in each other (sum(exp(x - max(x))): 2)
+
+
+def formula_cost(expr, memo=None) -> Cost:
+    """What differentiating and compiling `expr` will take, estimated by the rules of
+    differentiation without taking a derivative: linear in the number of distinct
+    subexpressions, so a let chain whose tree doubles at every step costs nothing to
+    measure. A sum's derivative is the sum of its terms'; a product of n factors has n
+    terms in its derivative and n*(n-1)/2 more in the second; f(g) becomes f'(g)*g', with
+    f' an expression of g's size; a Piecewise differentiates piece by piece."""
+    memo = {} if memo is None else memo
+    reductions = (RowSum, RowMax, RowMin, LogSumExp)
+
+    def cost(e):
+        found = memo.get(e)
+        if found is not None:
+            return found
+        parts = [cost(a) for a in e.args]
+        s, d, h, pieces = (sum(p[k] for p in parts) for k in range(4))
+        depth = max((p[4] for p in parts), default=0) + isinstance(e, reductions)
+        n = len(parts)
+        if not parts:
+            out = (1, 1, 1, 0, 0)
+        elif not isinstance(e, sympy.Expr):  # a condition, or a Piecewise pair: copied as is
+            out = (1 + s, 0, 0, pieces, depth)
+        elif isinstance(e, sympy.Piecewise):  # each piece's derivative, on the same condition
+            conds = sum(cost(c)[0] for _, c in e.args)
+            vals = [cost(v) for v, _ in e.args]
+            out = (1 + s, 1 + conds + sum(v[1] for v in vals), 1 + conds + sum(v[2] for v in vals),
+                   pieces + n, depth)
+        elif isinstance(e, sympy.Add):
+            out = (1 + s, 1 + d, 1 + h, pieces, depth)
+        elif isinstance(e, sympy.Mul):
+            out = (1 + s, n + d + (n - 1) * s, n * n + h + (n - 1) * d + n * (n - 1) // 2 * s, pieces, depth)
+        else:  # f(a, ...): each partial derivative is an expression of the arguments
+            k = 1 if isinstance(e, sympy.Pow) and e.exp.is_Number else n
+            partial = s + 2
+            out = (1 + s, k * partial + d, (k * k + k) * partial + (k + 1) * d + h, pieces, depth)
+        memo[e] = out
+        return out
+
+    return Cost(*cost(expr))
+
+
+def _check_cost(formula: Formula, expr, row: bool, what: str):
+    where = formula.loc_of(0)
+    try:
+        cost = formula_cost(expr)
+    except RecursionError:  # cannot happen within the other limits; a guard
+        raise SpecError(where, f"{what}: nests too deeply, through its lets, to be measured") from None
+    hint = "(a let counts once per use; nested functions and long products grow fastest)"
+    if row and cost.reductions > MAX_REDUCTION_DEPTH:
+        raise SpecError(where, f"{what}: reductions nest {cost.reductions} deep, more than the "
+                               f"{MAX_REDUCTION_DEPTH} allowed (softmax and log_softmax hold one each)")
+    size, which, limit = ((cost.grad, "gradient", MAX_ROW_GRADIENT_PARTS) if row else
+                          (cost.hess, "second derivative", MAX_DERIVATIVE_PARTS))
+    if size > limit:
+        shown = f"{size}" if size < 10**7 else f"{size:.1e}"
+        raise SpecError(where, f"{what}: too complex to differentiate: its {which} would have about "
+                               f"{shown} parts, more than the {limit} allowed {hint}")
+    if cost.pieces > MAX_PIECES:
+        raise SpecError(where, f"{what}: has {cost.pieces} Piecewise pieces (where, if-else, "
+                               f"Piecewise; a let counts once per use), more than the {MAX_PIECES} allowed")
 
 
 def symbols_for(spec) -> dict:

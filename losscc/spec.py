@@ -1,6 +1,8 @@
 """Spec stage: load a YAML loss spec, keep every node's location, validate it into a LossSpec.
 
-Only plain YAML is accepted: no tags, no anchors or aliases, no duplicate keys. Every error
+Only plain YAML is accepted: no tags, no anchors or aliases, no merge keys, no duplicate keys,
+and a bounded amount of it (bytes, nesting, nodes, and how many inputs, params, lets and
+variant combinations). Text holds no control characters but tab and newline. Every error
 is a SpecError whose message starts with ``file:line:col:``.
 """
 
@@ -21,6 +23,24 @@ from .ir import (Domain, ExampleSpec, Formula, InputSpec, Loc, LossSpec, ParamSp
 
 MAX_SPEC_BYTES = 256 * 1024
 MAX_YAML_DEPTH = 20  # nesting of mappings and lists; a spec needs 4
+# YAML values, lists and mappings: PyYAML reads some 20000 a second, and the largest spec
+# holds under 150, so a refusal comes within a second of the start.
+MAX_YAML_NODES = 5000
+# What a spec may declare: each is work per kernel (C arguments, a struct field, a gradient)
+# or per variant combination (every combination is derived and compiled on its own).
+MAX_NAME_LENGTH = 64
+MAX_INPUTS = 16
+MAX_PARAMS = 32
+MAX_LETS = 100
+MAX_VARIANT_COMBOS = 16
+# Names the built package itself defines (runtime.bind_package), beside the losses.
+PACKAGE_NAMES = frozenset({"LOSSES"})
+# Characters refused in any spec text: control characters but tab and newline (a terminal
+# obeys them: \r and ANSI escapes can hide text in a docstring or a message), lone
+# surrogates (not UTF-8: no file can hold them) and the bidirectional controls of "Trojan
+# Source" (text that displays in another order than it reads).
+_BAD_CHAR = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f"
+                       "\u202a-\u202e\u2066-\u2069]")
 
 # Names the runtime gives every loss; a spec may not reuse them.
 RESERVED = frozenset(
@@ -87,13 +107,18 @@ def _compose(text: str, label: str) -> yaml.Node:
     """The YAML node tree, after one streaming pass that refuses what specs never need:
     anchors and aliases (billion laughs), explicit tags (!!python/...), deep nesting."""
     try:
-        depth = 0
+        depth = nodes = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             where = _loc(label, event.start_mark)
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 raise SpecError(where, "YAML anchors and aliases are not allowed in specs")
             if getattr(event, "tag", None) is not None:
-                raise SpecError(where, f"YAML tag '{event.tag}' is not allowed in specs")
+                raise SpecError(where, f"YAML tag {_show(event.tag)} is not allowed in specs")
+            if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+                nodes += 1
+                if nodes > MAX_YAML_NODES:
+                    raise SpecError(where, f"spec has more than {MAX_YAML_NODES} YAML nodes "
+                                           "(values, lists and mappings)")
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_YAML_DEPTH:
@@ -103,7 +128,10 @@ def _compose(text: str, label: str) -> yaml.Node:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        raise SpecError(_loc(label, mark), f"invalid YAML: {exc.problem or exc.context}") from None
+        problem = exc.problem or exc.context
+        if exc.context and exc.problem and exc.problem.startswith("but "):  # the second half of a sentence
+            problem = f"{exc.context}, {exc.problem}"
+        raise SpecError(_loc(label, mark), f"invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise SpecError(Loc(label, 1, 1), f"invalid YAML: {exc}") from None
     if root is None:
@@ -134,11 +162,13 @@ class _Validator:
             self.fail(node, f"{what} must be a mapping, got {_kind(node)}")
         out: dict = {}
         for knode, vnode in node.value:
+            if knode.tag == "tag:yaml.org,2002:merge":
+                self.fail(knode, "YAML merge keys (<<) are not allowed in specs")
             if not (isinstance(knode, yaml.ScalarNode) and knode.tag == _STR_TAG):
                 self.fail(knode, f"keys of {what} must be plain names, got {_kind(knode)}")
             if knode.value in out:
                 first = self.loc(out[knode.value][0])
-                self.fail(knode, f"duplicate key '{knode.value}' in {what} (first at line {first.line})")
+                self.fail(knode, f"duplicate key {_show(knode.value)} in {what} (first at line {first.line})")
             out[knode.value] = (knode, vnode)
         return out
 
@@ -154,7 +184,14 @@ class _Validator:
     def string(self, node, what: str) -> str:
         value = self.scalar(node, what)
         if not isinstance(value, str):
-            self.fail(node, f"{what} must be text, got {value!r}")
+            self.fail(node, f"{what} must be text, got {_show(value)}")
+        bad = _BAD_CHAR.search(value)
+        if bad:
+            ch = bad.group()
+            kind = ("a lone surrogate (not valid Unicode)" if "\ud800" <= ch <= "\udfff" else
+                    "a bidirectional control" if ch > "\x9f" else "a control character")
+            self.fail(node, f"{what} contains U+{ord(ch):04X}, {kind}: only tab and newline "
+                            "may be used in spec text")
         return value
 
     def number(self, node, what: str) -> float:
@@ -166,7 +203,7 @@ class _Validator:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(node, f"{what} must be a number, got {value!r}")
+            self.fail(node, f"{what} must be a number, got {_show(value)}")
         value = float(value)
         if not math.isfinite(value):
             self.fail(node, f"{what} must be finite, got {value!r}")
@@ -175,20 +212,37 @@ class _Validator:
     def boolean(self, node, what: str) -> bool:
         value = self.scalar(node, what)
         if not isinstance(value, bool):
-            self.fail(node, f"{what} must be true or false, got {value!r}")
+            self.fail(node, f"{what} must be true or false, got {_show(value)}")
         return value
 
     def identifier(self, node, what: str) -> str:
         name = self.string(node, what)
+        if len(name) > MAX_NAME_LENGTH:
+            self.fail(node, f"{what} {_show(name)} is {len(name)} characters long, more than the "
+                            f"{MAX_NAME_LENGTH} allowed")
         if not (name.isascii() and name.isidentifier()) or keyword.iskeyword(name) or name.startswith("_"):
-            self.fail(node, f"{what} '{name}' must be an ASCII Python identifier, not a keyword, "
-                            "not starting with '_'")
+            foreign = next((ch for ch in name if not ch.isascii()), None)
+            why = f" ({foreign!r} is U+{ord(foreign):04X}, not ASCII)" if foreign else ""
+            self.fail(node, f"{what} {_show(name)} must be an ASCII Python identifier, not a keyword, "
+                            f"not starting with '_'{why}")
+        return name
+
+    def loss_name(self, node, what: str) -> str:
+        """The loss's name or an alias: a module attribute of the built package; the name
+        also names the kernels, lcc_<name>__<variant>__<mode>, where '__' separates."""
+        name = self.identifier(node, what)
+        if name in PACKAGE_NAMES:
+            self.fail(node, f"{what} '{name}' is reserved: the built package lists its losses under it")
+        if what == "name" and "__" in name:
+            self.fail(node, f"name '{name}' contains '__', which separates the parts of kernel names "
+                            "(lcc_<name>__<variant>__<mode>)")
         return name
 
     def check_keys(self, items: dict, allowed, what: str):
+        known = set(allowed)
         for key, (knode, _) in items.items():
-            if key not in allowed:
-                self.fail(knode, f"unknown key '{key}' in {what} (allowed: {', '.join(allowed)})")
+            if key not in known:
+                self.fail(knode, f"unknown key {_show(key)} in {what} (allowed: {', '.join(allowed)})")
 
     def formula(self, node, what: str) -> Formula:
         text = self.string(node, what)
@@ -241,13 +295,13 @@ class _Validator:
         for key in ("name", "summary", "reference", "inputs", "loss"):
             if key not in top:
                 self.fail(root, f"missing required key '{key}'")
-        name = self.identifier(top["name"][1], "name")
+        name = self.loss_name(top["name"][1], "name")
         aliases, alias_locs = (), ()
         if "aliases" in top:
             node = top["aliases"][1]
             if not isinstance(node, yaml.SequenceNode):
                 self.fail(node, f"aliases must be a list of names, got {_kind(node)}")
-            aliases = tuple(self.identifier(n, "alias") for n in node.value)
+            aliases = tuple(self.loss_name(n, "alias") for n in node.value)
             alias_locs = tuple(self.loc(n) for n in node.value)
             for i, (alias, where) in enumerate(zip(aliases, alias_locs)):
                 if alias == name:
@@ -273,8 +327,11 @@ class _Validator:
             axis = self.axis(top["axis"][1])
         let = ()
         if "let" in top:
+            items = self.mapping(top["let"][1], "let")
+            if len(items) > MAX_LETS:
+                self.fail(list(items.values())[MAX_LETS][0], f"more than {MAX_LETS} let definitions")
             let = tuple((self.identifier(k, "let name"), self.formula(v, f"let '{k.value}'"))
-                        for k, v in self.mapping(top["let"][1], "let").values())
+                        for k, v in items.values())
         self.check_names(inputs, params, variants, let)
         loss = self.formula(top["loss"][1], "loss")
         examples = ()
@@ -340,7 +397,7 @@ class _Validator:
             raw = self.scalar(vnode, what)
             value = next((v for v in variant.values if str(v).lower() == str(raw).lower()), None)
             if value is None:
-                self.fail(vnode, f"{what}: {raw!r} is not a value of variant '{name}' "
+                self.fail(vnode, f"{what}: {_show(raw)} is not a value of variant '{name}' "
                                  f"(values: {', '.join(map(str, variant.values))})")
             out.append((name, value))
         return tuple(out)
@@ -375,7 +432,7 @@ class _Validator:
                 continue
             value = next((v for v in variant.values if str(v).lower() == str(key).lower()), None)
             if value is None:
-                self.fail(knode, f"domain of input '{inp.name}': {key!r} is not a value of variant "
+                self.fail(knode, f"domain of input '{inp.name}': {_show(key)} is not a value of variant "
                                  f"'{vname}' (values: {', '.join(map(str, variant.values))})")
             cases[value] = self.domain_text(vnode, f"domain of input '{inp.name}' for {vname}={key}", inp)
         missing = [str(v) for v in variant.values if v not in cases]
@@ -404,21 +461,22 @@ class _Validator:
         if value == "all":
             return None
         if not isinstance(value, int) or isinstance(value, bool):
-            self.fail(node, f"axis must be an int or 'all' (every non-batch axis), got {value!r}")
+            self.fail(node, f"axis must be an int or 'all' (every non-batch axis), got {_show(value)}")
         return value
 
     def positional(self, node, params, variants, common) -> tuple:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, f"positional must be a list of names, got {_kind(node)}")
         allowed = (*(p.name for p in params), *(v.name for v in variants), *common)
-        names = []
+        names: dict = {}
+        known = set(allowed)
         for n in node.value:
             name = self.string(n, "positional")
-            if name not in allowed:
-                self.fail(n, f"positional: '{name}' is not a constructor argument (allowed: {', '.join(allowed)})")
+            if name not in known:
+                self.fail(n, f"positional: {_show(name)} is not a constructor argument (allowed: {', '.join(allowed)})")
             if name in names:
                 self.fail(n, f"positional: '{name}' is listed twice")
-            names.append(name)
+            names[name] = None
         return tuple(names)
 
     def inputs(self, node) -> tuple:
@@ -426,6 +484,8 @@ class _Validator:
         items = self.mapping(node, "inputs")
         if not items:
             self.fail(node, "inputs must list at least the prediction")
+        if len(items) > MAX_INPUTS:
+            self.fail(list(items.values())[MAX_INPUTS][0], f"more than {MAX_INPUTS} inputs")
         out = []
         for i, (name, (knode, vnode)) in enumerate(items.items()):
             self.identifier(knode, "input name")
@@ -491,7 +551,10 @@ class _Validator:
 
     def params(self, node) -> tuple:
         out = []
-        for name, (knode, vnode) in self.mapping(node, "params").items():
+        items = self.mapping(node, "params")
+        if len(items) > MAX_PARAMS:
+            self.fail(list(items.values())[MAX_PARAMS][0], f"more than {MAX_PARAMS} params")
+        for name, (knode, vnode) in items.items():
             self.identifier(knode, "parameter name")
             fields = self.options(vnode, f"param '{name}'", ("default", "min", "max", "gt", "lt", "doc"))
             if "default" not in fields:
@@ -509,6 +572,7 @@ class _Validator:
 
     def variants(self, node) -> tuple:
         out = []
+        combos = 1
         for name, (knode, vnode) in self.mapping(node, "variants").items():
             self.identifier(knode, "variant name")
             fields = self.options(vnode, f"variant '{name}'", ("values", "default", "doc"))
@@ -517,20 +581,29 @@ class _Validator:
             vals_node = fields["values"][1]
             if not isinstance(vals_node, yaml.SequenceNode) or not vals_node.value:
                 self.fail(vals_node, f"values of variant '{name}' must be a non-empty list")
-            values = []
+            combos *= len(vals_node.value)
+            if combos > MAX_VARIANT_COMBOS:
+                self.fail(vals_node, f"variant '{name}' brings the combinations of variant values to "
+                                     f"{combos}, more than the {MAX_VARIANT_COMBOS} allowed (each is "
+                                     "derived and compiled on its own)")
+            values, lowered = [], set()
             for v in vals_node.value:
                 val = self.scalar(v, f"value of variant '{name}'")
                 if not isinstance(val, (bool, str)) or (isinstance(val, str) and not (val.isascii() and val.isidentifier())):
-                    self.fail(v, f"values of variant '{name}' must be true/false or ASCII names, got {val!r}")
-                if val in values or str(val).lower() in (str(x).lower() for x in values):
+                    self.fail(v, f"values of variant '{name}' must be true/false or ASCII names, got {_show(val)}")
+                if isinstance(val, str) and "__" in val:
+                    self.fail(v, f"value '{val}' of variant '{name}' contains '__', which separates the "
+                                 "parts of kernel names (lcc_<name>__<variant>__<mode>)")
+                if str(val).lower() in lowered:
                     self.fail(v, f"value {val!r} repeated in variant '{name}' (values name kernels: "
                                  "case does not count)")
                 values.append(val)
+                lowered.add(str(val).lower())
             if len({type(v) for v in values}) > 1:
                 self.fail(vals_node, f"values of variant '{name}' must be all booleans or all names")
             default = self.scalar(fields["default"][1], f"default of variant '{name}'")
             if default not in values or type(default) is not type(values[0]):
-                self.fail(fields["default"][1], f"default {default!r} of variant '{name}' is not one of {values}")
+                self.fail(fields["default"][1], f"default {_show(default)} of variant '{name}' is not one of {values}")
             doc = self.string(fields["doc"][1], "doc") if "doc" in fields else ""
             out.append(VariantSpec(name, self.loc(knode), tuple(values), default, doc))
         return tuple(out)
@@ -605,7 +678,7 @@ class _Validator:
                 if variant is not None:
                     val = self.scalar(vnode, f"example {key}")
                     if val not in variant.values or type(val) is not type(variant.values[0]):
-                        self.fail(vnode, f"example {key}: {val!r} is not one of {list(variant.values)}")
+                        self.fail(vnode, f"example {key}: {_show(val)} is not one of {list(variant.values)}")
                     vals[key] = val
                 elif isinstance(vnode, yaml.SequenceNode):  # a row of a row loss
                     if not any(i.row for i in inputs):
@@ -639,23 +712,23 @@ def parse_domain(text: str) -> Domain:
         try:
             values = tuple(float(x) for x in items)
         except ValueError:
-            raise ValueError(f"{text!r}: a set lists numbers, e.g. {{-1, 1}}") from None
+            raise ValueError(f"{_show(text)}: a set lists numbers, e.g. {{-1, 1}}") from None
         if not all(math.isfinite(v) for v in values) or len(set(values)) != len(values):
-            raise ValueError(f"{text!r}: a set lists distinct finite numbers")
+            raise ValueError(f"{_show(text)}: a set lists distinct finite numbers")
         return Domain(t, min(values), max(values), False, False, values=values)
     m = _INTERVAL.match(t)
     if not m:
-        raise ValueError(f"{text!r} is not a domain (real, simplex, an interval like [0, 1] or "
+        raise ValueError(f"{_show(text)} is not a domain (real, simplex, an interval like [0, 1] or "
                          "(0, inf), or a set like {-1, 1})")
     lo_b, lo_s, hi_s, hi_b = m.groups()
     try:
         lo, hi = float(lo_s), float(hi_s)
     except ValueError:
-        raise ValueError(f"{text!r}: interval bounds must be numbers or inf") from None
+        raise ValueError(f"{_show(text)}: interval bounds must be numbers or inf") from None
     if math.isnan(lo) or math.isnan(hi) or not lo < hi:
-        raise ValueError(f"{text!r}: the lower bound must be below the upper one")
+        raise ValueError(f"{_show(text)}: the lower bound must be below the upper one")
     if (lo == -math.inf and lo_b == "[") or (hi == math.inf and hi_b == "]"):
-        raise ValueError(f"{text!r}: an infinite bound is open: write (-inf or inf)")
+        raise ValueError(f"{_show(text)}: an infinite bound is open: write (-inf or inf)")
     return Domain(t, lo, hi, lo_b == "(", hi_b == ")")
 
 
@@ -664,4 +737,11 @@ def _kind(node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    return f"{node.value!r}"
+    return _show(node.value)
+
+
+def _show(value, limit: int = 60) -> str:
+    """repr(value) for a message: escaped (a spec's control characters never reach the
+    terminal) and cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
