@@ -445,7 +445,11 @@ class Loss:
     def _wanted(self, wrt) -> tuple:
         if wrt is None:
             return self._wrt
-        names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+        try:
+            names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+        except TypeError:  # not iterable: wrt=5
+            raise TypeError(f"{self._display}: wrt must name a differentiable input or a sequence "
+                            f"of them (differentiable: {', '.join(self._diff)}), got {wrt!r}") from None
         for n in names:
             if n not in self._diff:
                 raise ValueError(f"{self._display}: wrt={n!r} is not a differentiable input "
@@ -492,6 +496,9 @@ class Loss:
         except TypeError as exc:
             raise TypeError(f"{self._display}: {exc} (call signature: {self._call_sig})") from None
         a = bound.arguments
+        for name in self._required:  # None means "absent", which only optional inputs may be
+            if a[name] is None:
+                raise TypeError(f"{self._display}: {name} is required, got None")
         wanted = self._wanted(wrt) if "g" in mode else ()
         if self._rows:
             return self._run_rows(mode, a, out, grad_out, want_value, wanted)
@@ -518,14 +525,15 @@ class Loss:
         arrays.append(self._input("sample_weight", a.get("sample_weight"), 1.0, dtype, shape))
 
         vscale, gscale = self._scales(nb, nf)
-        vout = self._value_out(out, want_value, nb, dtype, arrays)
+        sources = arrays + _caller_arrays(a)
+        vout = self._value_out(out, want_value, nb, dtype, sources)
         gouts = []
         if "g" in mode:
             given = _as_tuple(grad_out, len(wanted), "grad_out", self._display)
             for name in self._diff:  # the kernel writes every gradient; the unwanted are dropped
                 g = given[wanted.index(name)] if name in wanted else None
-                gouts.append(_output(g, "grad_out", shape, dtype, arrays, self._display, axis))
-        hout = _output(hess_out, "hess_out", shape, dtype, arrays, self._display, axis) \
+                gouts.append(_output(g, "grad_out", shape, dtype, sources, self._display, axis))
+        hout = _output(hess_out, "hess_out", shape, dtype, sources, self._display, axis) \
             if "h" in mode else None
         _check_disjoint(self._display, [("out", vout), ("hess_out", hout),
                                         *(("grad_out", g) for g in gouts)])
@@ -603,12 +611,13 @@ class Loss:
         args += list(self.params.values())
 
         vscale, gscale = self._scales(nb, nf)
-        vout = self._value_out(out, want_value, nb, dtype, arrays)
+        sources = arrays + _caller_arrays(a)
+        vout = self._value_out(out, want_value, nb, dtype, sources)
         gouts = {}
         if "g" in mode:
             given = _as_tuple(grad_out, len(wanted), "grad_out", who)
             for name, g in zip(wanted, given):
-                gouts[name] = _output(g, "grad_out", shape, dtype, arrays, who, None)
+                gouts[name] = _output(g, "grad_out", shape, dtype, sources, who, None)
         _check_disjoint(who, [("out", vout), *(("grad_out", g) for g in gouts.values())])
         status = ffi.new("int64_t[4]")  # {code, sample, row, class index}
         args += [vscale, gscale]
@@ -896,12 +905,16 @@ class _RowLayout:
 
     def output3(self, ffi, out: "_Out"):
         """The kernel's pointer and strides for a gradient output; a temporary when the
-        output's memory cannot be walked as (sample, row, class)."""
+        output's memory cannot be walked as (sample, row, class) in whole elements (the
+        kernel's strides count elements: unaligned memory, or a stride that is no multiple
+        of the item size, would be written at the wrong addresses)."""
+        if self.axis is None:
+            moved = np.moveaxis(out.arr, self.bax, 0)
+        else:
+            moved = np.moveaxis(out.arr, (self.bax, self.axis), (0, -1))
         try:
-            if self.axis is None:
-                moved = np.moveaxis(out.arr, self.bax, 0)
-            else:
-                moved = np.moveaxis(out.arr, (self.bax, self.axis), (0, -1))
+            if not _whole_elements(out.arr):
+                raise ValueError("not walkable in elements")
             v = np.reshape(moved, (self.nb, self.nf, self.nc), copy=False)
         except ValueError:  # written batch-first, copied back by out.finish()
             out.view, out.tmp = moved, np.empty(moved.shape, out.arr.dtype)
@@ -952,9 +965,15 @@ class _RowLayout:
                 f"outside [0, {self.nc}){hint}")
 
 
+def _whole_elements(v) -> bool:
+    """Whether the kernel can walk `v` with strides in elements: aligned memory and every
+    stride a multiple of the item size."""
+    return v.flags.aligned and not any(st % v.itemsize for st in v.strides)
+
+
 def _aligned(v, keep):
     """`v`, or an aligned copy (kept alive in `keep`) if its memory is not element-aligned."""
-    if not v.flags.aligned or any(st % v.itemsize for st in v.strides):
+    if not _whole_elements(v):
         v = np.ascontiguousarray(v)
     keep.append(v)
     return v
@@ -982,7 +1001,7 @@ def _as_classes(who, name, arr):
             pos = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{who}: {name} holds class indices, but {name}.flat[{pos}] = "
                              f"{float(arr.flat[pos])!r} is not an integer")
-        if arr.size and np.abs(arr).max() >= 2.0**63:
+        if arr.size and float(np.abs(arr).max()) >= 2.0**63:  # (2**63 as a float16 would overflow)
             pos = int(np.argmax(np.abs(arr)))
             raise IndexError(f"{who}: {name}.flat[{pos}] = {float(arr.flat[pos])!r} is not a valid class index")
     elif arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
@@ -1028,9 +1047,9 @@ def _broadcast(who, name, arr, shape):
 def _collapse(arr, axis):
     """(stride over samples, stride over features) in elements, or None if the non-batch
     axes of `arr` cannot be walked with one stride."""
-    item = arr.itemsize
-    if not arr.flags.aligned or any(s % item for s in arr.strides):
+    if not _whole_elements(arr):
         return None
+    item = arr.itemsize
     strides = [s // item for s in arr.strides]
     sb = strides[axis] if arr.ndim else 0
     rest = [(n, s) for i, (n, s) in enumerate(zip(arr.shape, strides)) if i != axis and n != 1]
@@ -1098,10 +1117,39 @@ def _output(given, what, shape, dtype, arrays, who, axis) -> _Out:
         raise ValueError(f"{who}: {what} is read-only")
     if any(st == 0 and n > 1 for st, n in zip(given.strides, given.shape)):
         raise ValueError(f"{who}: {what} has a zero stride: its elements overlap each other")
+    if _self_overlapping(given):
+        raise ValueError(f"{who}: {what} has strides {given.strides} under which its elements "
+                         "overlap each other")
     for name, arr, _ in arrays:
         if np.may_share_memory(given, arr):
             raise ValueError(f"{who}: {what} overlaps the input '{name}'")
     return _Out(given)
+
+
+def _caller_arrays(bound: dict) -> list:
+    """The caller's own input arrays, as (name, array, None): an input cast to pred's dtype is
+    a copy, so an output must be checked against the memory the caller gave as well."""
+    return [(n, v, None) for n, v in bound.items() if isinstance(v, (np.ndarray, memoryview))]
+
+
+def _self_overlapping(arr) -> bool:
+    """Whether two elements of `arr` share a byte (a view made with as_strided, say): the
+    kernel would write them both, and which value is left would depend on its order."""
+    dims = sorted((abs(st), n) for st, n in zip(arr.strides, arr.shape) if n > 1)
+    if arr.size == 0:
+        return False
+    reach = arr.itemsize  # bytes spanned by one element, then by the axes of smaller strides
+    for st, n in dims:
+        if st < reach:
+            break
+        reach += st * (n - 1)
+    else:
+        return False  # every axis steps over all the smaller ones: no two elements meet
+    offsets = np.zeros((), np.int64)  # strides that interleave: look at every element
+    for st, n in zip(arr.strides, arr.shape):
+        offsets = np.add.outer(offsets, np.arange(n, dtype=np.int64) * st)
+    offsets = np.sort(offsets, axis=None)
+    return bool(np.any(np.diff(offsets) < arr.itemsize))
 
 
 def _check_disjoint(who, outs):
@@ -1124,11 +1172,14 @@ def _as_tuple(x, n, what, who):
 
 
 def _unbroadcast(g, shape):
-    """Sum a gradient over the axes its input was broadcast along (like autograd's sum_to_size)."""
+    """Sum a gradient over the axes its input was broadcast along (like autograd's sum_to_size),
+    in double: a float32 sum would add a rounding per term to the kernel's one per element."""
     if g.shape == shape:
         return g
     if math.prod(shape) == g.size:
         return g.reshape(shape)  # the label was reshaped like pred
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
-    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g
+    if not axes:
+        return g
+    return g.sum(axis=axes, keepdims=True, dtype=np.float64).astype(g.dtype).reshape(shape)
