@@ -23,6 +23,7 @@ import numbers
 import os
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 from types import MappingProxyType
 
@@ -83,6 +84,7 @@ def load_module(path):
     rebuilt module is a new folder with a new compiled library: loading it after a rebuild
     in the same process gives the new kernels, never the old library under a new manifest.
     """
+    origin = os.path.abspath(path)  # what a pickled loss names (a published symlink stays one)
     path = Path(path).resolve()
     manifest = _manifest(path)
     name = manifest["module"]
@@ -96,6 +98,7 @@ def load_module(path):
                                                   submodule_search_locations=[str(path)])
     module = importlib.util.module_from_spec(spec)
     module._manifest = manifest  # verified: bind_package need not hash the files again
+    module._origin = origin
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
@@ -146,9 +149,10 @@ def bind_package(ns: dict):
     except ImportError as exc:
         raise LoadError(f"{here}: cannot import the compiled kernels ({exc}); rebuild with "
                         "`losscc build`") from None
+    build = {"path": ns.get("_origin") or str(here), "cache_key": manifest["cache_key"]}
     classes = {}
     for meta in manifest["losses"]:
-        cls = make_loss_class(meta, kernels.lib, kernels.ffi)
+        cls = make_loss_class(meta, kernels.lib, kernels.ffi, build)
         classes[meta["name"]] = cls
         ns[meta["name"]] = cls
         for alias in meta["aliases"]:
@@ -158,8 +162,9 @@ def bind_package(ns: dict):
     ns["__all__"] = sorted(n for m in manifest["losses"] for n in (m["name"], *m["aliases"]))
 
 
-def make_loss_class(meta: dict, lib, ffi) -> type:
-    """A Loss subclass for one spec, with its signature and docstring."""
+def make_loss_class(meta: dict, lib, ffi, build: dict | None = None) -> type:
+    """A Loss subclass for one spec, with its signature and docstring; `build` ({path,
+    cache_key}) is where its objects say, when pickled, to load it from."""
     cname = meta["aliases"][0] if meta["aliases"] else meta["name"]
     defaults = {p["name"]: p["default"] for p in meta["params"]}
     defaults.update({v["name"]: v["default"] for v in meta["variants"]})
@@ -183,7 +188,7 @@ def make_loss_class(meta: dict, lib, ffi) -> type:
         "__doc__": _docstring(meta),
         "__module__": "losscc.runtime",
         "__signature__": inspect.Signature(ctor),
-        "_meta": meta, "_lib": lib, "_ffi": ffi, "_display": cname,
+        "_meta": meta, "_lib": lib, "_ffi": ffi, "_display": cname, "_build": build,
         "_ctor_sig": inspect.Signature(ctor), "_call_sig": inspect.Signature(call),
     }
     cls = type(cname, (Loss,), attrs)
@@ -240,6 +245,39 @@ def _docstring(meta: dict) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in {**ex["options"], **ex["inputs"]}.items())
         lines.append(f"Example: {args} -> loss {ex['loss']!r}")
     return "\n".join(lines)
+
+
+_BUILDS: dict = {}  # (path, cache key) -> module: unpickling loads each build once per process
+_BUILDS_LOCK = threading.Lock()
+
+
+def unpickle_loss(path: str, cache_key: str, name: str, arguments: dict):
+    """A pickled loss, made again in this process from the build at `path` (loaded once), which
+    must be the build it was pickled from."""
+    with _BUILDS_LOCK:
+        module = _BUILDS.get((path, cache_key))
+        if module is None:
+            module = _BUILDS[path, cache_key] = _load_pickled_build(path, cache_key)
+    return module.LOSSES[name](**arguments)
+
+
+def _load_pickled_build(path: str, cache_key: str):
+    import socket
+
+    where = f"on host {socket.gethostname()!r}, pid {os.getpid()}"
+    ways = ("make the build folder available at that path: a shared file system, Dask's "
+            "UploadDirectory plugin (client.register_plugin(UploadDirectory(build folder))), or "
+            "`losscc build` on the worker with the same specs and losscc version")
+    try:
+        found = _manifest(Path(path).resolve()).get("cache_key")
+    except LoadError as exc:
+        raise LoadError(f"cannot unpickle a losscc loss {where}: the build {path} (cache key "
+                        f"{cache_key[:16]}...) is not usable here ({exc}); {ways}") from None
+    if found != cache_key:
+        raise LoadError(f"cannot unpickle a losscc loss {where}: the build at {path} has cache key "
+                        f"{found[:16]}..., the loss was pickled from {cache_key[:16]}... (rebuilt "
+                        f"since, or another build); {ways}")
+    return load_module(path)
 
 
 # --------------------------------------------------------------------------- the Loss class
@@ -309,20 +347,38 @@ class Loss:
 
     _CONFIG = frozenset({"weight", "batch_axis", "reduction", "axis", "params"})
 
-    def _replace(self, **changes):
-        """This loss made again from its constructor arguments, with `changes` (reduction='none',
-        ...); the compiled kernels are shared."""
+    def _arguments(self) -> dict:
+        """The constructor arguments that make this loss again (plain data)."""
         config = {**self.params, **self.options, "weight": self.weight, "batch_axis": self.batch_axis,
                   "reduction": self.reduction}
         if self._rows:
             config["axis"] = self.axis
-        return type(self)(**{**config, **changes})
+        return config
+
+    def _replace(self, **changes):
+        """This loss made again from its constructor arguments, with `changes` (reduction='none',
+        ...); the compiled kernels are shared."""
+        return type(self)(**{**self._arguments(), **changes})
 
     def __copy__(self):
         return self._replace()
 
     def __deepcopy__(self, memo):  # (LightGBM deep-copies an objective)
         return self._replace()
+
+    def __reduce__(self):
+        """Pickled by reference, as plain data: the build's path and cache key, the loss's name
+        and its constructor arguments (cffi's objects cannot be pickled). Unpickling loads
+        the build once per process (unpickle_loss); it needs numpy, cffi and this runtime."""
+        if self._build is None:
+            raise TypeError(f"{self._display}: only a loss of a package built by losscc can be pickled")
+        return unpickle_loss, (self._build["path"], self._build["cache_key"], self._meta["name"],
+                               self._arguments())
+
+    def __dask_tokenize__(self):
+        """Dask's task key: the same for equal losses of one build, in any process."""
+        return ("losscc", self._build and self._build["cache_key"], self._meta["name"],
+                sorted(self._arguments().items()))
 
     def _kernel(self, key: str, given=()):
         """The kernel for `key` ('vg_float32', ...): the plain one (codegen: no optional
