@@ -489,6 +489,35 @@ class Loss:
 
         return LightGBMObjective(self)
 
+    def dask(self, *args, **kwargs):
+        """The loss over dask arrays, lazily (losscc/dask.py; needs losscc[dask]): per-sample
+        values from one kernel call per block of the batch axis, or their sum or mean
+        through Dask's tree reduction; the same arguments as calling the loss."""
+        from .dask import apply
+
+        return apply(self, "v", args, kwargs)
+
+    def dask_grad(self, *args, wrt=None, **kwargs):
+        """`grad` over dask arrays, lazily (losscc/dask.py)."""
+        from .dask import apply
+
+        return apply(self, "g", args, kwargs, wrt)
+
+    def dask_value_and_grad(self, *args, wrt=None, **kwargs):
+        """`value_and_grad` over dask arrays, lazily: both from one kernel call per block."""
+        from .dask import apply
+
+        return apply(self, "vg", args, kwargs, wrt)
+
+    def dask_grad_hess(self, *args, **kwargs):
+        """`grad_hess` over dask arrays, lazily: both from one kernel call per block."""
+        if self._rows:
+            raise TypeError(f"{self._display}: grad_hess is for elementwise losses (a row loss's "
+                            "second derivative is not diagonal)")
+        from .dask import apply
+
+        return apply(self, "gh", args, kwargs)
+
     def grad_hess(self, *args, grad_out=None, hess_out=None, **kwargs):
         """(gradient, diagonal second derivative) w.r.t. pred, from one fused pass."""
         if self._rows:
@@ -546,7 +575,10 @@ class Loss:
     # -- the one code path -----------------------------------------------------
 
     def _run(self, mode, args, kwargs, out=None, grad_out=None, hess_out=None, want_value=True,
-             wrt=None):
+             wrt=None, mean_over=None):
+        """(value, gradients, second derivative) for any call. `mean_over` is the batch the
+        gradients are averaged over (losscc/dask.py: the whole array's, when this call is
+        one block of it); None: this call's batch under reduction='mean', else none."""
         try:
             bound = self._call_sig.bind(*args, **kwargs)
         except TypeError as exc:
@@ -557,7 +589,7 @@ class Loss:
                 raise TypeError(f"{self._display}: {name} is required, got None")
         wanted = self._wanted(wrt) if "g" in mode else ()
         if self._rows:
-            return self._run_rows(mode, a, out, grad_out, want_value, wanted)
+            return self._run_rows(mode, a, out, grad_out, want_value, wanted, mean_over)
         first = self._inputs[0]["name"]
         pred = _native(_as_array(a[first], first, self._display))
         if pred.dtype not in _DTYPES:
@@ -580,7 +612,7 @@ class Loss:
                                       reshape_like_pred=(i == 0)))
         arrays.append(self._input("sample_weight", a.get("sample_weight"), 1.0, dtype, shape))
 
-        vscale, gscale = self._scales(nb, nf)
+        vscale, gscale = self._scales(nb, nf, mean_over)
         sources = arrays + _caller_arrays(a)
         vout = self._value_out(out, want_value, nb, dtype, sources)
         gouts = []
@@ -611,11 +643,13 @@ class Loss:
 
     # -- shared by the elementwise and the row paths ---------------------------
 
-    def _scales(self, nb, nf):
+    def _scales(self, nb, nf, mean_over=None):
         """(vscale, gscale): the per-sample mean over nf elements or rows times weight, and
-        the gradients' scale (divided by the batch for reduction='mean')."""
+        the gradients' scale (divided by the batch for reduction='mean', or by `mean_over`)."""
         vscale = self.weight / nf if nf else math.nan
-        return vscale, (vscale / nb if self.reduction == "mean" and nb else vscale)
+        if mean_over is None:
+            mean_over = nb if self.reduction == "mean" else 0
+        return vscale, (vscale / mean_over if mean_over else vscale)
 
     def _value_out(self, out, want_value, nb, dtype, arrays):
         """The per-sample output buffer (reduction='none'), or None."""
@@ -633,7 +667,7 @@ class Loss:
             return dtype.type(total / nb if nb else math.nan)
         return dtype.type(total)
 
-    def _run_rows(self, mode, a, out, grad_out, want_value, wanted):
+    def _run_rows(self, mode, a, out, grad_out, want_value, wanted, mean_over=None):
         """The row-loss path: rows along `axis`, Gluon's weighting over the rows of a sample."""
         who = self._display
         first = self._inputs[0]["name"]
@@ -666,7 +700,7 @@ class Loss:
         args += layout.operand2(ffi, sw, keep)
         args += list(self.params.values())
 
-        vscale, gscale = self._scales(nb, nf)
+        vscale, gscale = self._scales(nb, nf, mean_over)
         sources = arrays + _caller_arrays(a)
         vout = self._value_out(out, want_value, nb, dtype, sources)
         gouts = {}
