@@ -90,14 +90,7 @@ def apply(loss, mode, args, kwargs, wrt=None):
     """The dask arrays of loss(*args, **kwargs) for `mode`: 'v' (the value), 'g' (the
     gradients), 'vg' (both) or 'gh' (gradient and second derivative); see Loss.dask."""
     who = loss._display
-    try:
-        bound = loss._call_sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"{who}: {exc} (call signature: {loss._call_sig})") from None
-    a = bound.arguments
-    for name in loss._required:
-        if a[name] is None:
-            raise TypeError(f"{who}: {name} is required, got None")
+    a = loss._bind(args, kwargs)
     want_value = "v" in mode
     wanted = loss._wanted(wrt) if "g" in mode else ()
     kernel_mode = {"v": "v", "g": "vg", "vg": "vg", "gh": "vgh"}[mode]

@@ -574,19 +574,24 @@ class Loss:
 
     # -- the one code path -----------------------------------------------------
 
+    def _bind(self, args, kwargs) -> dict:
+        """The call's arguments by name (in the signature's order), or the TypeError saying
+        what is wrong with them; None for a required input is one."""
+        try:
+            a = self._call_sig.bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise TypeError(f"{self._display}: {exc} (call signature: {self._call_sig})") from None
+        for name in self._required:  # None means "absent", which only optional inputs may be
+            if a[name] is None:
+                raise TypeError(f"{self._display}: {name} is required, got None")
+        return a
+
     def _run(self, mode, args, kwargs, out=None, grad_out=None, hess_out=None, want_value=True,
              wrt=None, mean_over=None):
         """(value, gradients, second derivative) for any call. `mean_over` is the batch the
         gradients are averaged over (losscc/dask.py: the whole array's, when this call is
         one block of it); None: this call's batch under reduction='mean', else none."""
-        try:
-            bound = self._call_sig.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{self._display}: {exc} (call signature: {self._call_sig})") from None
-        a = bound.arguments
-        for name in self._required:  # None means "absent", which only optional inputs may be
-            if a[name] is None:
-                raise TypeError(f"{self._display}: {name} is required, got None")
+        a = self._bind(args, kwargs)
         wanted = self._wanted(wrt) if "g" in mode else ()
         if self._rows:
             return self._run_rows(mode, a, out, grad_out, want_value, wanted, mean_over)

@@ -70,11 +70,7 @@ class _LossFunction(torch.autograd.Function):
     def forward(ctx, loss, keys, *values):
         args = [v for k, v in zip(keys, values) if k is None]
         kwargs = {k: v for k, v in zip(keys, values) if k is not None}
-        try:
-            bound = loss._call_sig.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{loss._display}: {exc} (call signature: {loss._call_sig})") from None
-        names = list(bound.arguments)  # the argument each value was given as, in order
+        names = list(loss._bind(args, kwargs))  # the argument each value was given as, in order
         order = [names[i] if k is None else k for i, k in enumerate(keys)]
         wanted = []
         for name, v in zip(order, values):
