@@ -135,7 +135,7 @@ def _build(paths, out: Path, name: str, force: bool, log, verbose: bool) -> Buil
             sources.append(source)
             report.losses.append(_record(s.name, status, len(source.meta["kernels"]), source.cdef.count(";"),
                                          time.perf_counter() - t))
-            objects.submit(sources[-1], name, report.losses[-1])
+            objects.submit(sources[-1], report.losses[-1])
         folder = _compile(sources, out, name, key, objects.wait(), work)
         objects.evict_unused()
     finally:
@@ -293,6 +293,9 @@ class _Objects:
     `cache` holds one module's objects, shared by every build of it; `own` is this build's
     folder, where each object it uses is hard-linked (copied where links are not possible)
     before the link step, so a concurrent build evicting it from the cache takes nothing away.
+    An object another module built into the same folder has cached (the same source and
+    compiler command: `losscc check` after `losscc build`, say) is linked into this module's
+    cache rather than compiled again; each module evicts only its own links.
     """
 
     def __init__(self, cache: Path, own: Path, force: bool = False, log=lambda text: None):
@@ -304,7 +307,7 @@ class _Objects:
         self.used: set = set()  # names of the cached objects this build uses
         self.fresh = 0
 
-    def submit(self, source: KernelSource, module: str, record: dict):
+    def submit(self, source: KernelSource, record: dict):
         """Queue the loss's objects: one per variant (KernelSource.c_parts); `record` (its
         line of the build report) gets their count and compiler time, and a progress line is
         logged when the last of them is done."""
@@ -314,11 +317,11 @@ class _Objects:
         self.own.mkdir(parents=True, exist_ok=True)
         objs, futures = [], []
         for i, part in enumerate(source.c_parts or (source.c_source,)):
-            text = object_source(dataclasses.replace(source, c_source=part), module)
+            text = object_source(dataclasses.replace(source, c_source=part))
             h = hashlib.sha256("\0".join([*self.cmd, text]).encode()).hexdigest()[:24]
             obj, own = self.cache / f"{source.name}-{i}-{h}.o", self.own / f"{source.name}-{i}.o"
             future = None
-            if self.force or not _pin(obj, own):
+            if self.force or not (_pin(obj, own) or (self._borrow(obj) and _pin(obj, own))):
                 future = self.pool.submit(_compile_object, self.cmd, source, text, obj, own)
                 futures.append(future)
             objs.append(own)
@@ -342,6 +345,11 @@ class _Objects:
         for future in futures:
             future.add_done_callback(done)
         self.fresh += bool(futures)
+
+    def _borrow(self, obj: Path) -> bool:
+        """Link `obj` into this module's cache from another module's, if one has it."""
+        return any(_pin(other, obj) for other in self.cache.parent.glob(f"*/{obj.name}")
+                   if other.parent != self.cache)
 
     def evict_unused(self):
         """Remove the module's cached objects this build did not use (older versions of its
@@ -374,6 +382,8 @@ def _pin(obj: Path, own: Path) -> bool:
         os.link(obj, own)
     except FileNotFoundError:
         return False
+    except FileExistsError:  # (a concurrent build put the same object there first)
+        return True
     except OSError:  # no hard links on this file system: a copy holds it as well
         try:
             shutil.copyfile(obj, own)

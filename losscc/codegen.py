@@ -1197,8 +1197,9 @@ def module_source(sources: list, name: str, cache_key: str) -> tuple[str, str]:
     return c, cdef
 
 
-def object_source(source, name: str) -> str:
+def object_source(source) -> str:
     """One loss's translation unit: the prelude and its kernels (build.py compiles one object
-    per loss). It names no module cache key, so an unchanged loss keeps its cached object."""
+    per loss). It names no module and no cache key, so an unchanged loss keeps its cached
+    object, and modules built into one folder from the same spec share it."""
     return template_env().get_template("module.c.j2").render(
-        sources=[source], name=name, version=__version__, cache_key=None)
+        sources=[source], name=None, version=__version__, cache_key=None)

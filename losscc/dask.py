@@ -156,7 +156,8 @@ def apply(loss, mode, args, kwargs, wrt=None):
     for name in wanted:
         _, x, axis, given = next(o for o in operands if o[0] == name)
         if axis is None:  # broadcast along the batch: each block's sum, summed over the blocks
-            g = _leaf(blocks, k, (len(chunks), *x.shape), ((1,) * len(chunks), *((s,) for s in x.shape)),
+            shape = np.shape(x)  # (a scalar's: ())
+            g = _leaf(blocks, k, (len(chunks), *shape), ((1,) * len(chunks), *((s,) for s in shape)),
                       0, dtype, stacked=True)
             g = g.sum(axis=0, dtype=np.float64).astype(dtype)
         else:
@@ -172,9 +173,12 @@ def apply(loss, mode, args, kwargs, wrt=None):
 
 def _dask_array(value, name, who):
     try:
-        return value if isinstance(value, da.Array) else da.asarray(np.asarray(value))
+        x = value if isinstance(value, da.Array) else da.asarray(np.asarray(value))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{who}: {name} must be an array, got {type(value).__name__}: {exc}") from None
+    if any(math.isnan(n) for n in x.shape):
+        raise ValueError(f"{who}: {name} has unknown chunk sizes; call .compute_chunk_sizes() first")
+    return x
 
 
 def _batch_axis_of(who, name, x, pred, bax, nb, rows, row_kind):
@@ -183,8 +187,6 @@ def _batch_axis_of(who, name, x, pred, bax, nb, rows, row_kind):
     per-row input against the prediction without its class axis), or None when `x` is
     read whole: no such axis, or one of size 1 (or a batch of 1), or a row loss's vector of
     per-class weights."""
-    if math.isnan(x.size):
-        raise ValueError(f"{who}: {name} has unknown chunk sizes; call .compute_chunk_sizes() first")
     if rows is not None and row_kind and x.ndim == 1 and rows.axis is not None and pred.ndim > 1 \
             and x.shape[0] == rows.nc:
         return None  # per-class weights lie along the class axis, whatever its position

@@ -239,3 +239,22 @@ def test_inputs_named_like_the_kernels_own_names(tmp_path):
     np.testing.assert_allclose(value, (ell * weight).mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(gp, (2 * (p - w) * h + sw + gpr * qp) * weight / shape[1], rtol=1e-12)
     np.testing.assert_allclose(gh, (p - w) ** 2 * weight / shape[1], rtol=1e-12)
+
+
+def test_modules_built_into_one_folder_share_compiled_objects(two_specs, tmp_path):
+    """A second module built from the same specs into the same folder (`losscc check` after
+    `losscc build`) compiles nothing: the objects name no module. Each module's cache holds
+    its own links, so a module dropping a loss leaves the other's object in place."""
+    specs = tmp_path / "specs"
+    shutil.copytree(two_specs, specs)
+    first, _ = _build(specs, tmp_path / "out", name="first")
+    second, _ = _build(specs, tmp_path / "out", name="second")
+    assert [r["objects_compiled"] for r in first.losses] == [1, 1]
+    assert [(r["objects_compiled"], r["objects_cached"]) for r in second.losses] == [(0, 1), (0, 1)]
+    x, y = np.linspace(-3, 3, 7), np.zeros(7)
+    assert np.array_equal(losscc.load(first.path).L2Loss()(x, y), losscc.load(second.path).L2Loss()(x, y))
+    (specs / "l1.yaml").unlink()
+    _build(specs, tmp_path / "out", name="first")
+    cache = tmp_path / "out" / ".cache" / "obj"
+    assert [p.name.split("-")[0] for p in (cache / "first").iterdir()] == ["l2"]
+    assert sorted(p.name.split("-")[0] for p in (cache / "second").iterdir()) == ["l1", "l2"]

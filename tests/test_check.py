@@ -218,10 +218,10 @@ def test_outside_the_domain_is_the_written_formula(losses):
 
 
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory):
-    """losscc check over specs/ with a reduced sweep (seeded: the same points every run)."""
-    out = tmp_path_factory.mktemp("check")
-    return {r.name: r for r in check([SPECS], samples=40, out=out, log=lambda *a: None)}
+def catalogue(built):
+    """losscc check over specs/ with a reduced sweep (seeded: the same points every run),
+    built beside the session's build (its module, losscc_check, reuses the cached derivations)."""
+    return {r.name: r for r in check([SPECS], samples=40, out=built.parent, log=lambda *a: None)}
 
 
 # Every built-in loss meets the 4-ulp bound (or its declared conditioned bound) at this sweep.

@@ -131,6 +131,9 @@ def test_inputs_broadcast_along_the_batch_are_read_whole_and_their_gradients_sum
     want_p, want_t = kl.grad(x, t, wrt=("pred", "label"))
     assert _bits_equal(gp, want_p) and gt.shape == want_t.shape == (1, 6)
     np.testing.assert_allclose(gt, want_t, rtol=1e-12, atol=0)
+    gp, gt = dask.compute(*kl.dask_grad(_chunked(x, rng), 0.2, wrt=("pred", "label")), **SYNC)  # a scalar label
+    want_p, want_t = kl.grad(x, 0.2, wrt=("pred", "label"))
+    assert _bits_equal(gp, want_p) and gt.shape == () and np.isclose(gt, want_t, rtol=1e-12, atol=0)
 
     ce = losses.SoftmaxCrossEntropyLoss()
     c, cw = rng.integers(0, 6, 1001), rng.random(6) + 0.5
@@ -200,8 +203,10 @@ def test_bad_inputs_are_clear_errors(losses):
         ce.dask_grad_hess(x, c)
     with pytest.raises(ValueError, match="batch_axis=2 is out of range"):
         losses.SoftmaxCrossEntropyLoss(batch_axis=2).dask(x, c)
-    with pytest.raises(ValueError, match="unknown chunk sizes"):
+    with pytest.raises(ValueError, match="label has unknown chunk sizes"):
         ce.dask(x, da.from_array(c, chunks=25)[da.from_array(c, chunks=25) >= 0])
+    with pytest.raises(ValueError, match="pred has unknown chunk sizes"):
+        ce.dask(x[x[:, 0] > 0], c)
     bad = c.copy()
     bad[77] = 4  # block 2 holds samples 60:90; sample 77 is its 17th
     with pytest.raises(IndexError, match=r"label\[17\] .* = 4 is outside \[0, 4\).*"

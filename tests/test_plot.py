@@ -64,14 +64,16 @@ def test_loss_plot_draws_both_curves_on_given_axes(losses):
     assert ax.get_xlabel() == "pred (label=0)"
 
 
-def test_plot_cli_renders_every_builtin_loss(tmp_path):
+def test_plot_cli_renders_every_builtin_loss(tmp_path, built):
     """Every loss of the catalogue as a PNG, plus the overview sheet: real pictures (the
-    two curves' colours are there, on a white background)."""
+    two curves' colours are there, on a white background). Built beside the session's
+    build, whose cached derivations it reuses (a cold derivation of the catalogue is
+    test_cli's)."""
     import matplotlib.image
 
     from losscc.cli import main
 
-    assert main(["plot", str(SPECS), "--out", str(tmp_path / "plots"), "--build", str(tmp_path / "b"),
+    assert main(["plot", str(SPECS), "--out", str(tmp_path / "plots"), "--build", str(built.parent),
                  "--format", "png"]) == 0
     names = sorted(p.stem for p in SPECS.glob("*.yaml"))
     files = sorted(p.stem for p in (tmp_path / "plots").glob("*.png"))
