@@ -97,15 +97,7 @@ def apply(loss, mode, args, kwargs, wrt=None):
 
     first = loss._inputs[0]["name"]
     pred = _dask_array(a[first], first, who)
-    if pred.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{who}: {first} must be float32 or float64, got {pred.dtype}; "
-                        f"convert it with .astype(np.float32) or .astype(np.float64)")
-    if pred.ndim == 0:
-        raise ValueError(f"{who}: {first} must have a batch axis, got a 0-d array")
-    if not -pred.ndim <= loss.batch_axis < pred.ndim:
-        raise ValueError(f"{who}: batch_axis={loss.batch_axis} is out of range for {first} "
-                         f"of shape {pred.shape}")
-    bax = loss.batch_axis % pred.ndim
+    bax = loss._pred_axis(first, pred.dtype, pred.shape)
     rows = None
     if loss._rows:
         rows = _RowLayout(who, first, pred.shape, loss.batch_axis, loss.axis)  # checks axis

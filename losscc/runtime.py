@@ -586,6 +586,19 @@ class Loss:
                 raise TypeError(f"{self._display}: {name} is required, got None")
         return a
 
+    def _pred_axis(self, name, dtype, shape) -> int:
+        """The prediction's batch axis, counted from 0, or the error for a prediction of
+        this dtype and shape."""
+        if dtype not in _DTYPES:
+            raise TypeError(f"{self._display}: {name} must be float32 or float64, got {dtype}; "
+                            f"convert it with .astype(np.float32) or .astype(np.float64)")
+        if not shape:
+            raise ValueError(f"{self._display}: {name} must have a batch axis, got a 0-d array")
+        if not -len(shape) <= self.batch_axis < len(shape):
+            raise ValueError(f"{self._display}: batch_axis={self.batch_axis} is out of range for {name} "
+                             f"of shape {shape}")
+        return self.batch_axis % len(shape)
+
     def _run(self, mode, args, kwargs, out=None, grad_out=None, hess_out=None, want_value=True,
              wrt=None, mean_over=None):
         """(value, gradients, second derivative) for any call. `mean_over` is the batch the
@@ -597,16 +610,7 @@ class Loss:
             return self._run_rows(mode, a, out, grad_out, want_value, wanted, mean_over)
         first = self._inputs[0]["name"]
         pred = _native(_as_array(a[first], first, self._display))
-        if pred.dtype not in _DTYPES:
-            raise TypeError(f"{self._display}: {first} must be float32 or float64, got {pred.dtype}; "
-                            f"convert it with .astype(np.float32) or .astype(np.float64)")
-        if pred.ndim == 0:
-            raise ValueError(f"{self._display}: {first} must have a batch axis, got a 0-d array")
-        axis = self.batch_axis
-        if not -pred.ndim <= axis < pred.ndim:
-            raise ValueError(f"{self._display}: batch_axis={axis} is out of range for {first} "
-                             f"of shape {pred.shape}")
-        axis %= pred.ndim
+        axis = self._pred_axis(first, pred.dtype, pred.shape)
         dtype, shape = pred.dtype, pred.shape
         nb = shape[axis]
         nf = math.prod(shape) // nb if nb else math.prod(s for i, s in enumerate(shape) if i != axis)
@@ -677,9 +681,7 @@ class Loss:
         who = self._display
         first = self._inputs[0]["name"]
         pred = _native(_as_array(a[first], first, who))
-        if pred.dtype not in _DTYPES:
-            raise TypeError(f"{who}: {first} must be float32 or float64, got {pred.dtype}; "
-                            f"convert it with .astype(np.float32) or .astype(np.float64)")
+        self._pred_axis(first, pred.dtype, pred.shape)
         layout = _RowLayout(who, first, pred.shape, self.batch_axis, self.axis)
         dtype, shape = pred.dtype, pred.shape
         nb, nf, nc = layout.nb, layout.nf, layout.nc

@@ -91,14 +91,20 @@ class _LossFunction(torch.autograd.Function):
         else:
             value, grads = loss.value_and_grad(*pos, **kw, wrt=ctx.wanted)
         grads = grads if isinstance(grads, tuple) else (grads,)
-        ctx.save_for_backward(*(torch.from_numpy(g) for g in grads))
+        # backward reads the inputs again where it calls the kernel again (reduction 'none', a
+        # wanted input broadcast against pred): saved too, so torch refuses a backward after
+        # one of them was changed in place rather than giving a silently wrong gradient
+        full = np.prod(np.shape(arrays[order[0]]), dtype=np.int64)
+        again = loss.reduction == "none" and any(np.size(arrays[n]) != full for n in ctx.wanted)
+        inputs = [v for v in values if isinstance(v, torch.Tensor)] if again else []
+        ctx.save_for_backward(*(torch.from_numpy(g) for g in grads), *inputs)
         return torch.from_numpy(np.asarray(value))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
         loss, arrays = ctx.loss, ctx.arrays
-        kept = dict(zip(ctx.wanted, ctx.saved_tensors))
+        kept = dict(zip(ctx.wanted, ctx.saved_tensors))  # (torch checks the saved inputs here)
         first = loss._inputs[0]["name"]
         pshape = np.shape(arrays[first])
         axis = loss.batch_axis % len(pshape)

@@ -158,3 +158,27 @@ def test_readme_example(tl):
     torch.nn.CrossEntropyLoss()(ref(x), y).backward()
     torch.testing.assert_close(model.weight.grad, ref.weight.grad, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(ns["loss"], torch.nn.CrossEntropyLoss()(ref(x), y), rtol=2e-6, atol=0)
+
+
+def test_an_input_changed_in_place_before_a_backward_that_reads_it_is_refused(tl):
+    """reduction 'none' with a wanted input broadcast against pred (KL's (1, C) label) runs the
+    kernel again in backward, on the inputs: changed in place after forward, torch's own
+    "modified by an inplace operation" error, not a silently different gradient (it was,
+    before the inputs were saved for backward). Where backward only scales the gradient kept
+    in forward, an input changed afterwards changes nothing, as in torch's own losses."""
+    x = torch.randn(6, 4, dtype=torch.float64)
+    p = torch.softmax(torch.randn(1, 4, dtype=torch.float64), 1).requires_grad_()
+    v = tl.KLDivLoss(from_logits=False, reduction="none").torch()(x, p)
+    v.backward(torch.ones(6), retain_graph=True)
+    first, p.grad = p.grad.clone(), None
+    v.backward(torch.ones(6), retain_graph=True)
+    assert torch.equal(p.grad, first)
+    x.mul_(0.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        v.backward(torch.ones(6))
+    pred, y = torch.randn(5, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64)
+    out = tl.L2Loss().torch()(pred, y)
+    want = (pred - y).detach()
+    y.mul_(2.0)
+    out.sum().backward()
+    assert torch.equal(pred.grad, want)
