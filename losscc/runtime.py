@@ -14,6 +14,7 @@ Semantics (MXNet Gluon's, plus PyTorch's `reduction`):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -262,22 +263,31 @@ def unpickle_loss(path: str, cache_key: str, name: str, arguments: dict):
 
 
 def _load_pickled_build(path: str, cache_key: str):
+    """The build a loss was pickled from: at its path, or else a folder of the same name on
+    sys.path (where Dask's UploadDirectory(..., update_path=True, restart_workers=True)
+    puts an uploaded build in each worker), with the same cache key."""
     import socket
 
     where = f"on host {socket.gethostname()!r}, pid {os.getpid()}"
-    ways = ("make the build folder available at that path: a shared file system, Dask's "
-            "UploadDirectory plugin (client.register_plugin(UploadDirectory(build folder))), or "
-            "`losscc build` on the worker with the same specs and losscc version")
+    ways = ("make the build folder available at that path (a shared file system, or `losscc "
+            "build` on the worker with the same specs and losscc version) or on the worker's "
+            "sys.path under its name (Dask: client.register_plugin(UploadDirectory(build folder, "
+            "update_path=True, restart_workers=True)))")
     try:
         found = _manifest(Path(path).resolve()).get("cache_key")
+        error = None if found == cache_key else (
+            f"the build at {path} has cache key {str(found)[:16]}..., the loss was pickled from "
+            f"{cache_key[:16]}... (rebuilt since, or another build)")
     except LoadError as exc:
-        raise LoadError(f"cannot unpickle a losscc loss {where}: the build {path} (cache key "
-                        f"{cache_key[:16]}...) is not usable here ({exc}); {ways}") from None
-    if found != cache_key:
-        raise LoadError(f"cannot unpickle a losscc loss {where}: the build at {path} has cache key "
-                        f"{found[:16]}..., the loss was pickled from {cache_key[:16]}... (rebuilt "
-                        f"since, or another build); {ways}")
-    return load_module(path)
+        error = f"the build {path} (cache key {cache_key[:16]}...) is not usable here ({exc})"
+    if error is None:
+        return load_module(path)
+    name = Path(path).name
+    for d in sys.path:
+        with contextlib.suppress(LoadError, OSError):
+            if d and Path(d).name == name and _manifest(Path(d).resolve()).get("cache_key") == cache_key:
+                return load_module(d)
+    raise LoadError(f"cannot unpickle a losscc loss {where}: {error}; {ways}")
 
 
 # --------------------------------------------------------------------------- the Loss class

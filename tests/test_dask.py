@@ -259,3 +259,26 @@ def test_a_build_missing_on_the_workers_is_a_clear_error(losses, cluster, tmp_pa
     value = ce.dask(da.full((13, 3), 0.25, chunks=5), np.zeros(13, np.int64))
     with pytest.raises(LoadError, match=f"on host .* the build {moved} .* is not usable here"):
         cluster.compute(value).result()
+
+
+def test_a_build_uploaded_with_dask_is_found_on_the_workers_path(losses, built, cluster, monkeypatch):
+    """A build shipped by Dask's UploadDirectory(update_path=True, restart_workers=True)
+    lies in each worker's scratch folder, which the restarted workers have on sys.path:
+    unpickling finds it there by its name and cache key when the client's path holds
+    nothing on the workers. The losses here say their build is at a path that does not
+    exist, with the build's own name."""
+    from distributed.diagnostics.plugin import UploadDirectory
+
+    import loopback
+
+    cluster.register_plugin(UploadDirectory(str(built), update_path=True, restart_workers=True))
+    cluster.wait_for_workers(2)
+    assert len(set(cluster.run(loopback.install).values())) == 2  # the guard, in the new workers
+    where = cluster.run(lambda: [p for p in __import__("sys").path if p.endswith(built.name)])
+    assert all(len(paths) == 1 for paths in where.values()), where
+    cls = losses.HuberLoss
+    monkeypatch.setattr(cls, "_build", {**cls._build, "path": f"/nonexistent/{built.name}"})
+    huber = cls(rho=0.25)
+    p, y = np.linspace(-3, 3, 1001), np.linspace(1, -1, 1001)
+    got = cluster.compute(list(huber.dask_grad_hess(da.from_array(p, chunks=250), y)), sync=True)
+    assert _same(tuple(got), huber.grad_hess(p, y))
