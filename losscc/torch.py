@@ -94,8 +94,9 @@ class _LossFunction(torch.autograd.Function):
         # backward reads the inputs again where it calls the kernel again (reduction 'none', a
         # wanted input broadcast against pred): saved too, so torch refuses a backward after
         # one of them was changed in place rather than giving a silently wrong gradient
-        full = np.prod(np.shape(arrays[order[0]]), dtype=np.int64)
-        again = loss.reduction == "none" and any(np.size(arrays[n]) != full for n in ctx.wanted)
+        size = np.prod(np.shape(arrays[order[0]]), dtype=np.int64)
+        ctx.broadcast = tuple(n for n in ctx.wanted if np.size(arrays[n]) != size)
+        again = loss.reduction == "none" and ctx.broadcast
         inputs = [v for v in values if isinstance(v, torch.Tensor)] if again else []
         ctx.save_for_backward(*(torch.from_numpy(g) for g in grads), *inputs)
         return torch.from_numpy(np.asarray(value))
@@ -114,16 +115,14 @@ class _LossFunction(torch.autograd.Function):
         else:
             # inputs of the prediction's size: each sample's part of the kept gradient is
             # its own loss's, scaled by that sample's incoming gradient
-            full = [n for n in ctx.wanted if np.size(arrays[n]) == np.prod(pshape, dtype=np.int64)]
-            for name in full:
+            for name in (n for n in ctx.wanted if n not in ctx.broadcast):
                 g = kept[name]
                 out[name] = (g.reshape(pshape) * _per_sample(gout, len(pshape), axis)).reshape(g.shape)
-            broadcast = [n for n in ctx.wanted if n not in full]
-            if broadcast:  # summed over the samples already: the kernel again, gout as weights
+            if ctx.broadcast:  # summed over the samples already: the kernel again, gout as weights
                 sw = arrays.get("sample_weight")
                 w = _per_sample(gout.detach(), len(pshape), axis).numpy()
                 redo = {**arrays, "sample_weight": w if sw is None else np.asarray(sw) * w}
-                _, grads = loss.value_and_grad(**redo, wrt=tuple(broadcast))
+                _, grads = loss.value_and_grad(**redo, wrt=ctx.broadcast)
                 grads = grads if isinstance(grads, tuple) else (grads,)
-                out.update({n: torch.from_numpy(g) for n, g in zip(broadcast, grads)})
+                out.update({n: torch.from_numpy(g) for n, g in zip(ctx.broadcast, grads)})
         return (None, None, *(out.get(name) for name in ctx.order))
