@@ -94,7 +94,7 @@ class _LossFunction(torch.autograd.Function):
         # backward reads the inputs again where it calls the kernel again (reduction 'none', a
         # wanted input broadcast against pred): saved too, so torch refuses a backward after
         # one of them was changed in place rather than giving a silently wrong gradient
-        size = np.prod(np.shape(arrays[order[0]]), dtype=np.int64)
+        size = np.prod(np.shape(arrays[loss._inputs[0]["name"]]), dtype=np.int64)  # pred's
         ctx.broadcast = tuple(n for n in ctx.wanted if np.size(arrays[n]) != size)
         again = loss.reduction == "none" and ctx.broadcast
         inputs = [v for v in values if isinstance(v, torch.Tensor)] if again else []

@@ -173,6 +173,11 @@ def test_an_input_changed_in_place_before_a_backward_that_reads_it_is_refused(tl
     first, p.grad = p.grad.clone(), None
     v.backward(torch.ones(6), retain_graph=True)
     assert torch.equal(p.grad, first)
+    p.grad = None
+    again = tl.KLDivLoss(from_logits=False, reduction="none").torch()(label=p, pred=x)  # pred not first
+    again.backward(torch.ones(6), retain_graph=True)
+    assert torch.equal(p.grad, first)
+    p.grad = None
     x.mul_(0.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         v.backward(torch.ones(6))
